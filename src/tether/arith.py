@@ -1,0 +1,180 @@
+"""The arithmetic world: tether's embedded, offline default task.
+
+Prompts such as ``"Question: What is 41 + 31?\\nAnswer:"`` with exact answers. Everything here is a
+pure function of its arguments and a seed, so every machine builds the same data:
+
+* :func:`problem_space` and :func:`is_held_out` split problems into train and held-out by a hash
+  of the problem itself, so the split does not depend on the seed or on how many rows are drawn.
+* :func:`sft_rows` / :func:`eval_rows` give prompt/completion rows for SFT and ``{prompt, answer}``
+  rows for evaluation; :func:`pretrain_corpus` gives the raw text the tokenizer and the
+  pretraining stage see (held-out problems never appear in it).
+* :func:`extract_answer` / :func:`exact_match` are the verifier that accuracy (and, later, the
+  verifiable reward) is computed with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROMPT_TEMPLATE = "Question: What is {a} {op} {b}?\nAnswer:"
+OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+class ArithSpec(BaseModel):
+    """Difficulty of the arithmetic world."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_operand: int = Field(49, ge=1, description="largest operand of + and -")
+    mul_max_operand: int = Field(12, ge=1, description="largest operand of *")
+    ops: str = Field("+-*", pattern=r"^[+\-*]+$", description="operators to draw from")
+    held_out_fraction: float = Field(0.1, gt=0, lt=1, description="share of problems kept for evaluation")
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str
+    b: int
+
+    @property
+    def answer(self) -> int:
+        if self.op == "+":
+            return self.a + self.b
+        if self.op == "-":
+            return self.a - self.b
+        return self.a * self.b
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(a=self.a, op=self.op, b=self.b)
+
+    @property
+    def completion(self) -> str:
+        """The worked answer the SFT stage teaches: the equation restated, then the result."""
+        return f" {self.a} {self.op} {self.b} = {self.answer}"
+
+
+def is_held_out(p: Problem, fraction: float) -> bool:
+    """Deterministic split by a hash of the problem (stable across seeds, processes, machines)."""
+    h = hashlib.sha256(f"{p.a}{p.op}{p.b}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+@lru_cache(maxsize=8)
+def problem_space(spec: ArithSpec) -> tuple[tuple[Problem, ...], tuple[Problem, ...]]:
+    """All problems of ``spec`` as ``(train, held_out)``; subtraction keeps results non-negative."""
+    problems: list[Problem] = []
+    for op in dict.fromkeys(spec.ops):  # de-duplicated, order kept
+        hi = spec.mul_max_operand if op == "*" else spec.max_operand
+        lo = 2 if op == "*" else 0
+        for a in range(lo, hi + 1):
+            for b in range(lo, (a if op == "-" else hi) + 1):
+                problems.append(Problem(a, op, b))
+    train = tuple(p for p in problems if not is_held_out(p, spec.held_out_fraction))
+    held = tuple(p for p in problems if is_held_out(p, spec.held_out_fraction))
+    return train, held
+
+
+def sample_problems(spec: ArithSpec, n: int, seed: int, split: str = "train") -> list[Problem]:
+    """``n`` problems drawn with replacement; each operator equally likely (multiplication has a
+    much smaller space than addition and would otherwise be rare)."""
+    train, held = problem_space(spec)
+    pool = train if split == "train" else held
+    by_op: dict[str, list[Problem]] = {}
+    for p in pool:
+        by_op.setdefault(p.op, []).append(p)
+    ops = sorted(by_op)
+    rng = random.Random(f"arith-{split}-{seed}")
+    return [rng.choice(by_op[rng.choice(ops)]) for _ in range(n)]
+
+
+def sft_rows(spec: ArithSpec, n: int, seed: int) -> list[dict[str, str]]:
+    """Prompt/completion rows of training problems."""
+    return [{"prompt": p.prompt, "completion": p.completion} for p in sample_problems(spec, n, seed)]
+
+
+def eval_rows(spec: ArithSpec, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` distinct held-out problems as ``{prompt, answer}`` (all of them if fewer exist)."""
+    _, held = problem_space(spec)
+    rng = random.Random(f"arith-eval-{seed}")
+    chosen = rng.sample(list(held), min(n, len(held)))
+    return [{"prompt": p.prompt, "answer": str(p.answer)} for p in chosen]
+
+
+_INT = re.compile(r"-?\d+")
+
+
+def extract_answer(completion: str) -> int | None:
+    """The final answer of a completion: the last integer it contains, or None."""
+    found = _INT.findall(completion)
+    return int(found[-1]) if found else None
+
+
+def exact_match(completion: str, answer: str | int) -> bool:
+    got = extract_answer(completion)
+    return got is not None and got == int(answer)
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining corpus: arithmetic facts in several phrasings plus English-like filler text, so
+# the tokenizer learns words and the model learns numbers before it ever sees the Q/A format.
+# --------------------------------------------------------------------------------------------
+_SUBJECTS = ["The cat", "A small dog", "My friend", "The teacher", "A young girl", "The old man",
+             "Our team", "The bird", "A farmer", "The student", "Her brother", "The robot"]
+_VERBS = ["walks to", "looks at", "reads about", "thinks about", "runs past", "talks with",
+          "waits near", "builds", "paints", "finds", "carries", "counts"]
+_OBJECTS = ["the river", "a red house", "the green field", "a long book", "the market",
+            "a tall tree", "the quiet school", "a blue box", "the city park", "some apples",
+            "the bright window", "a wooden bridge"]
+_ADVERBS = ["slowly", "every morning", "after lunch", "with care", "in the rain", "today",
+            "at night", "once again", "very quietly", "before dinner"]
+_SYLLABLE_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v",
+                    "w", "z", "br", "ch", "dr", "fl", "gr", "pl", "sh", "st", "th", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "oo", "ou"]
+_CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
+
+
+def _pseudo_words(rng: random.Random, n: int) -> list[str]:
+    words: set[str] = set()
+    while len(words) < n:
+        k = rng.choice([1, 1, 2, 2, 2, 3])
+        w = "".join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(k))
+        if 2 <= len(w) <= 12:
+            words.add(w)
+    return sorted(words)
+
+
+def _sentence(rng: random.Random, lexicon: list[str]) -> str:
+    if rng.random() < 0.5:
+        return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ADVERBS)}."
+    return "The " + " ".join(rng.choice(lexicon) for _ in range(rng.randint(4, 10))) + "."
+
+
+def _fact(rng: random.Random, p: Problem) -> str:
+    """One arithmetic fact in one of several phrasings (never the exact SFT Q/A format)."""
+    style = rng.randrange(4)
+    if style == 0:
+        return f"{p.a} {p.op} {p.b} = {p.answer}"
+    if style == 1:
+        return f"{p.a} {OP_WORDS[p.op]} {p.b} is {p.answer}."
+    if style == 2:
+        return f"Question: What is {p.a} {p.op} {p.b}? The answer is {p.answer}."
+    return f"Answer: we know that {p.a} {p.op} {p.b} = {p.answer}, so the result is {p.answer}."
+
+
+def pretrain_corpus(spec: ArithSpec, n_facts: int, n_sentences: int, seed: int) -> list[str]:
+    """Lines of raw text: ``n_facts`` arithmetic facts about *training* problems and
+    ``n_sentences`` lines of English-like text, shuffled together."""
+    rng = random.Random(f"arith-corpus-{seed}")
+    lexicon = _pseudo_words(rng, 4000)
+    lines = [_fact(rng, p) for p in sample_problems(spec, n_facts, seed, "train")]
+    lines += [" ".join(_sentence(rng, lexicon) for _ in range(rng.randint(1, 3))) for _ in range(n_sentences)]
+    rng.shuffle(lines)
+    return lines

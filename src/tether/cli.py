@@ -1,0 +1,134 @@
+"""The ``tether`` command line.
+
+Every training command takes an optional ``--config FILE.yaml`` and ``key=value`` overrides
+(which win over the file); ``tether COMMAND --help`` lists every key with its type, default and
+meaning. An unknown key or a value of the wrong type stops the command before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .checkpoint import CheckpointError  # noqa: E402
+from .config import Config, ConfigError  # noqa: E402
+
+
+def _quiet_transformers() -> None:
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers missing is reported elsewhere
+        pass
+
+
+def _cmd_sft(cfg) -> int:
+    from .sft import train
+
+    r = train(cfg)
+    if r.stopped_early:
+        print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}")
+        return 0
+    if r.eval_before is not None:
+        print(f"held-out accuracy before: {r.eval_before['accuracy']:.1%}")
+    if r.eval_after is not None:
+        print(f"held-out accuracy after:  {r.eval_after['accuracy']:.1%}")
+    print(f"model:  {r.final_dir}")
+    if cfg.report:
+        print(f"report: {r.run_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_quickstart(cfg) -> int:
+    from .quickstart import run
+
+    run(cfg)
+    return 0
+
+
+def _cmd_build(cfg) -> int:
+    from .embedded import ensure_embedded
+
+    print(ensure_embedded(cfg, progress=True))
+    return 0
+
+
+def _cmd_eval(cfg) -> int:
+    from .evaluate import accuracy, load_eval_rows
+    from .modeling import load_causal_lm, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    ev = accuracy(load_causal_lm(path), load_tokenizer(path), load_eval_rows(cfg.eval_data, cfg.eval_samples),
+                  cfg.max_new_tokens)
+    print(json.dumps({"model": str(path), "accuracy": ev["accuracy"], "n": ev["n"], "samples": ev["samples"][:3]}, indent=1))
+    return 0
+
+
+def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
+    """name -> (config class, handler, one-line description). Imports stay light until run."""
+    from .embedded import BuildConfig
+    from .evaluate import EvalConfig
+    from .quickstart import QuickstartConfig
+    from .sft import SFTConfig
+
+    return {
+        "quickstart": (QuickstartConfig, _cmd_quickstart,
+                       "build the embedded model, run SFT, evaluate before/after, write a report"),
+        "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (completion-only loss) of a causal LM"),
+        "build": (BuildConfig, _cmd_build, "build (or find in the cache) the embedded arithmetic model; prints its path"),
+        "eval": (EvalConfig, _cmd_eval, "greedy exact-match accuracy of a model on held-out prompts"),
+    }
+
+
+def build_parser(commands) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether", description="tether: align language models with human, AI and verifiable feedback.",
+        epilog="Run 'tether COMMAND --help' for the options of a command.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (cls, _, desc) in commands.items():
+        p = sub.add_parser(name, help=desc, description=f"{desc}\n\n{(cls.__doc__ or '').strip()}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="options (key=value, or in the --config YAML file):\n" + cls.help_text())
+        p.add_argument("--config", metavar="FILE", help="YAML file of options; key=value arguments override it")
+        if "resume" in cls.model_fields:
+            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (same as resume=true)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=3e-4 packing=true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = _commands()
+    args = build_parser(commands).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        build_parser(commands).print_help()
+        return 2
+    cls, handler, _ = commands[args.command]
+    _quiet_transformers()
+    try:
+        overrides = list(args.overrides)
+        if getattr(args, "resume", False):
+            overrides.append("resume=true")
+        cfg = cls.load(args.config, overrides)
+        return handler(cfg)
+    except ConfigError as e:
+        print(f"tether {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"tether {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

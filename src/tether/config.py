@@ -1,0 +1,112 @@
+"""Typed run configs: YAML files plus ``key=value`` overrides, validated by pydantic.
+
+Every algorithm has one flat config class deriving from :class:`Config`. An unknown key is an
+error that names it, suggests the closest valid key and lists all of them; a value of the wrong
+type is an error that names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a message meant for the person who wrote it."""
+
+
+class Config(BaseModel):
+    """Base of every run config: flat, typed, documented, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @classmethod
+    def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> C:
+        """Build a config from an optional YAML file and ``key=value`` overrides (which win)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_read_yaml(Path(path)))
+        if isinstance(overrides, dict):
+            values.update(overrides)
+        elif overrides:
+            values.update(parse_overrides(overrides))
+        return cls.from_dict(values, source=str(path) if path else "overrides")
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+        unknown = [k for k in values if k not in cls.model_fields]
+        if unknown:
+            raise ConfigError(_unknown_key_message(cls, unknown[0], source))
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            lines = []
+            for err in e.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "(config)"
+                lines.append(f"  {key}={err.get('input')!r}: {err['msg']}")
+            raise ConfigError(f"invalid {cls.__name__} in {source}:\n" + "\n".join(lines)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def help_text(cls) -> str:
+        """One line per option: name, type, default and description (used by ``--help``)."""
+        out = []
+        for name, f in cls.model_fields.items():
+            typ = _type_name(f.annotation)
+            default = f.default if f.default is not None else "none"
+            out.append(f"  {name} ({typ}, default {default!s})")
+            if f.description:
+                out.append(f"      {f.description}")
+        return "\n".join(out)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "packing=true"]`` -> ``{"lr": 1e-4, "packing": True}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"cannot parse override {item!r}: expected key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _unknown_key_message(cls: type[Config], key: str, source: str) -> str:
+    valid = list(cls.model_fields)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r} in {source} for {cls.__name__}{hint}; valid keys: {', '.join(valid)}"
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "none")

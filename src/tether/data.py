@@ -1,0 +1,341 @@
+"""Data loading shared by every trainer: rows from JSONL files, ``datasets`` datasets or Python
+lists; schema checks whose errors name the file and line; tokenization with a completion-only
+loss mask; length filtering that is counted, never silent; sequence packing; collation.
+
+Row schemas for SFT (one per row, detected by its keys):
+
+* ``{"prompt": str, "completion": str}``: loss on the completion (and the EOS appended to it).
+* ``{"messages": [{"role", "content"}, ...]}``: the chat template is applied; loss on every
+  assistant turn.
+* ``{"prompt": [messages], "completion": [messages]}``: conversational prompt/completion; loss on
+  the completion turns.
+* ``{"text": str}``: plain language modelling; loss on every token but the first.
+
+Notation: ``B`` rows in a batch, ``T`` padded length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # target id of positions without loss (torch's cross_entropy ignore_index)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source and the row."""
+
+
+@dataclass
+class Row:
+    where: str  # "file.jsonl:12" or "dataset row 12": what an error message points at
+    data: dict[str, Any]
+
+
+@dataclass
+class Example:
+    """One tokenized sequence. ``loss_mask[t] = 1`` when token ``t`` is a training target."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    skipped_bad: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # first few messages, for the log
+
+    def summary(self) -> str:
+        parts = [f"{self.rows} rows"]
+        if self.skipped_bad:
+            parts.append(f"{self.skipped_bad} malformed rows skipped")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} rows longer than max_length dropped")
+        if self.truncated:
+            parts.append(f"{self.truncated} rows truncated to max_length")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------------
+def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = False,
+              stats: DataStats | None = None) -> list[Row]:
+    """Rows from a ``.jsonl`` file, a folder written by ``datasets.save_to_disk``, any other file
+    ``datasets.load_dataset`` reads (``.json``, ``.parquet``, ``.csv``), a ``datasets.Dataset`` or a
+    list of dicts. A row that is not a JSON object is a :class:`DataError` naming file and line
+    (or, with ``skip_bad_rows``, counted in ``stats`` and skipped)."""
+    stats = stats if stats is not None else DataStats()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"data not found: {path}")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path, skip_bad_rows, stats)
+        import datasets
+
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{path}: a DatasetDict without a 'train' split ({list(ds)})")
+                ds = ds["train"]
+        else:
+            kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+            if kind is None:
+                raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .parquet, .csv or a datasets folder)")
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        return [Row(f"{path} row {i}", dict(r)) for i, r in enumerate(ds)]
+    return [Row(f"row {i}", dict(r)) for i, r in enumerate(source)]
+
+
+def _read_jsonl(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except ValueError as e:
+                _bad(stats, skip_bad_rows, f"{where}: malformed row: {e}")
+                continue
+            rows.append(Row(where, obj))
+    return rows
+
+
+def _bad(stats: DataStats, skip: bool, message: str) -> None:
+    if not skip:
+        raise DataError(message + " (set skip_bad_rows=true to skip and count such rows)")
+    stats.skipped_bad += 1
+    if len(stats.bad_examples) < 5:
+        stats.bad_examples.append(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization for SFT
+# ---------------------------------------------------------------------------------------------
+def tokenize_sft(rows: Iterable[Row], tokenizer, max_length: int, overlong: Literal["drop", "truncate"] = "drop",
+                 skip_bad_rows: bool = False, stats: DataStats | None = None) -> tuple[list[Example], DataStats]:
+    """Tokenize SFT rows into examples with a completion-only loss mask (module docstring)."""
+    stats = stats if stats is not None else DataStats()
+    examples = []
+    for row in rows:
+        try:
+            ex = _tokenize_row(row, tokenizer)
+        except DataError as e:
+            _bad(stats, skip_bad_rows, str(e))
+            continue
+        if len(ex.input_ids) > max_length:
+            if overlong == "drop":
+                stats.dropped_too_long += 1
+                continue
+            ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
+            stats.truncated += 1
+            if not any(ex.loss_mask):
+                stats.dropped_too_long += 1
+                stats.truncated -= 1
+                continue
+        examples.append(ex)
+    stats.rows = len(examples)
+    if stats.dropped_too_long or stats.truncated or stats.skipped_bad:
+        log.warning("data: %s", stats.summary())
+    return examples, stats
+
+
+def _tokenize_row(row: Row, tokenizer) -> Example:
+    d = row.data
+    eos = tokenizer.eos_token_id
+    if "messages" in d:
+        return _tokenize_chat(row, tokenizer, _check_messages(row, d["messages"], "messages"), trainable="assistant")
+    if "prompt" in d and "completion" in d:
+        prompt, completion = d["prompt"], d["completion"]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            msgs = _check_messages(row, prompt, "prompt") + [
+                {**m, "_train": True} for m in _check_messages(row, completion, "completion")]
+            return _tokenize_chat(row, tokenizer, msgs, trainable="flagged")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{row.where}: 'prompt' and 'completion' must both be strings (or both message lists)")
+        if not completion.strip():
+            raise DataError(f"{row.where}: empty completion")
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if eos is not None and (not c or c[-1] != eos):
+            c = c + [eos]
+        return Example(p + c, [0] * len(p) + [1] * len(c))
+    if "text" in d:
+        if not isinstance(d["text"], str) or not d["text"].strip():
+            raise DataError(f"{row.where}: 'text' must be a non-empty string")
+        ids = tokenizer(d["text"], add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids = ids + [eos]
+        return Example(ids, [0] + [1] * (len(ids) - 1))  # the first token has no prediction
+    keys = ", ".join(sorted(d)) or "none"
+    raise DataError(f"{row.where}: row has keys ({keys}); expected prompt+completion, messages, or text")
+
+
+def _check_messages(row: Row, msgs: Any, key: str) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{row.where}: '{key}' must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{row.where}: {key}[{i}] must be an object with string 'role' and 'content'")
+    return [dict(m) for m in msgs]
+
+
+def _tokenize_chat(row: Row, tokenizer, msgs: list[dict], trainable: str) -> Example:
+    """Apply the chat template and mark the characters of trainable turns, then map them to tokens
+    through the offsets (robust to merges across turn boundaries)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{row.where}: chat 'messages' given but the tokenizer has no chat template")
+    clean = [{k: v for k, v in m.items() if not k.startswith("_")} for m in msgs]
+    spans = []
+    for i, m in enumerate(msgs):
+        train = m.get("_train", False) if trainable == "flagged" else m["role"] == "assistant"
+        if not train:
+            continue
+        before = tokenizer.apply_chat_template(clean[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(clean[: i + 1], tokenize=False)
+        if not upto.startswith(before):
+            before = tokenizer.apply_chat_template(clean[:i], tokenize=False) if i else ""
+            if not upto.startswith(before):
+                raise DataError(f"{row.where}: the chat template does not render turns as prefixes; cannot locate turn {i}")
+        spans.append((len(before), len(upto)))
+    if not spans:
+        raise DataError(f"{row.where}: no assistant/completion turn to train on")
+    text = tokenizer.apply_chat_template(clean, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    mask[0] = 0
+    # No EOS is appended: the template's own end-of-turn token ends each trained turn.
+    return Example(list(enc["input_ids"]), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and collation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Packed:
+    """Several examples in one row; ``position_ids`` restart at 0 at each example so attention
+    stays within it (transformers builds a block-causal mask from them when no attention mask is
+    given)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    position_ids: list[int]
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Packed]:
+    """Greedy, order-keeping packing into rows of at most ``max_length`` tokens."""
+    packs: list[Packed] = []
+    cur = Packed([], [], [])
+    for ex in examples:
+        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_length:
+            packs.append(cur)
+            cur = Packed([], [], [])
+        cur.input_ids += ex.input_ids
+        cur.loss_mask += ex.loss_mask
+        cur.position_ids += list(range(len(ex.input_ids)))
+    if cur.input_ids:
+        packs.append(cur)
+    return packs
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch (right padding).
+
+    input_ids: (B, T) token ids, padding filled with ``pad_id``.
+    targets: (B, T) the id that position t must predict (token t+1), or ``IGNORE``.
+    attention_mask: (B, T) 1 on real tokens.
+    position_ids: (B, T) for packed rows (restarting at each example), else None. When present
+        the model gets no attention mask: the position ids carry the example boundaries.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-pad) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+
+def collate(items: Sequence[Example | Packed], pad_id: int) -> TokenBatch:
+    """Right-pad ``items`` into a :class:`TokenBatch`. Masks come from lengths, never from
+    comparing ids to ``pad_id``, so a tokenizer whose pad is its EOS still trains on EOS."""
+    B, T = len(items), max(len(x.input_ids) for x in items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    packed = isinstance(items[0], Packed)
+    position_ids = torch.zeros((B, T), dtype=torch.long) if packed else None
+    for i, x in enumerate(items):
+        n = len(x.input_ids)
+        ids = torch.tensor(x.input_ids, dtype=torch.long)
+        mask = torch.tensor(x.loss_mask, dtype=torch.bool)
+        input_ids[i, :n] = ids
+        attention_mask[i, :n] = 1
+        # position t predicts token t+1: a target exists where the *next* token is trained on.
+        targets[i, : n - 1] = torch.where(mask[1:], ids[1:], IGNORE)
+        if position_ids is not None:
+            position_ids[i, :n] = torch.tensor(x.position_ids, dtype=torch.long)  # type: ignore[union-attr]
+            position_ids[i, n:] = torch.arange(T - n)  # the padding is a segment of its own
+    return TokenBatch(input_ids, targets, attention_mask, position_ids)
+
+
+class EpochSampler:
+    """Shuffled passes over ``n`` items; batches run on across epoch boundaries (no short or
+    dropped batch). Its state (epoch, position, this epoch's permutation and the generator) is
+    saved in checkpoints, so a resumed run draws exactly the batches the uninterrupted run would."""
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise DataError("no training examples left after filtering")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.pos = 0
+        self.perm = torch.randperm(n, generator=self.generator)
+
+    def next(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch += 1
+                self.pos = 0
+                self.perm = torch.randperm(self.n, generator=self.generator)
+            take = min(k - len(out), self.n - self.pos)
+            out += self.perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "epoch": self.epoch, "pos": self.pos, "perm": self.perm.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["n"] != self.n:
+            raise DataError(f"the data changed since the checkpoint: {self.n} examples now, {state['n']} then")
+        self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"]
+        self.generator.set_state(state["generator"])

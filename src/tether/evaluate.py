@@ -1,0 +1,80 @@
+"""Held-out exact-match accuracy with greedy decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pydantic import Field
+
+from .arith import ArithSpec, eval_rows, exact_match
+from .config import Config
+from .data import DataError, read_rows
+
+
+class EvalConfig(Config):
+    """Greedy exact-match evaluation of a model."""
+
+    model: str = Field("embedded", description="local transformers checkpoint folder, or 'embedded'")
+    eval_data: str = Field("arith", description="'arith' (held-out problems) or a file of {prompt, answer} rows")
+    eval_samples: int = Field(200, ge=1, description="prompts scored")
+    max_new_tokens: int = Field(16, ge=1, description="generation budget")
+
+
+def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None) -> list[dict[str, str]]:
+    """``"arith"``: ``n`` held-out arithmetic problems; otherwise a file of ``{prompt, answer}``
+    rows (the first ``n``)."""
+    if source == "arith":
+        return eval_rows(spec or ArithSpec(), n)
+    rows = []
+    for r in read_rows(Path(source))[:n]:
+        if not isinstance(r.data.get("prompt"), str) or "answer" not in r.data:
+            raise DataError(f"{r.where}: evaluation rows need 'prompt' (str) and 'answer'")
+        rows.append({"prompt": r.data["prompt"], "answer": str(r.data["answer"])})
+    return rows
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 128) -> list[str]:
+    """Greedy completions of ``prompts`` (batched, left-padded, KV cache)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False) \
+                if tokenizer.pad_token_id is not None else _pad_left(tokenizer, chunk, pad)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def _pad_left(tokenizer, prompts: list[str], pad: int) -> dict[str, torch.Tensor]:
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    T = max(map(len, ids))
+    input_ids = torch.full((len(ids), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, T - len(x):] = torch.tensor(x)
+        mask[i, T - len(x):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def accuracy(model, tokenizer, rows: list[dict[str, str]], max_new_tokens: int = 16) -> dict[str, Any]:
+    """Exact-match accuracy of greedy completions: the last integer of the completion must equal
+    the answer (:func:`tether.arith.exact_match`)."""
+    completions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
+    hits = [exact_match(c, r["answer"]) for c, r in zip(completions, rows)]
+    samples = [{"prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": h}
+               for r, c, h in zip(rows[:8], completions, hits)]
+    return {"accuracy": sum(hits) / max(1, len(rows)), "n": len(rows), "samples": samples}

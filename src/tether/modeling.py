@@ -1,0 +1,63 @@
+"""Loading models and tokenizers, and the forward passes the trainers share."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from .data import IGNORE, TokenBatch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_model_path(model: str) -> Path:
+    """``"embedded"`` is the cached arithmetic model (built on first use); anything else must be a
+    local transformers checkpoint folder."""
+    if model == "embedded":
+        from .embedded import ensure_embedded
+
+        return ensure_embedded()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {model!r}: not a local transformers checkpoint (no config.json there); "
+            "use model=embedded for the built-in arithmetic model")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_causal_lm(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def autocast(dtype: str):
+    """bf16 autocast on CPU (AVX512-BF16 makes matmuls ~2x faster); fp32 is a no-op context."""
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, V) and targets (n,) at the positions that carry a loss, and only there.
+
+    The backbone runs on the whole batch; the LM head (a (hidden × V) matmul) runs only on the
+    hidden states whose next token is a target: prompts and padding never become logits.
+    """
+    sel = batch.targets != IGNORE
+    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  attention_mask=None if batch.position_ids is not None else batch.attention_mask)
+    if getattr(model.config, "final_logit_softcapping", None):  # heads that post-process logits
+        logits = model(**kwargs).logits
+        return logits[sel], batch.targets[sel]
+    hidden = model.base_model(**kwargs).last_hidden_state  # (B, T, H)
+    return model.get_output_embeddings()(hidden[sel]), batch.targets[sel]

@@ -1,0 +1,52 @@
+"""Run reports: a markdown summary and a PNG of the curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# metric key -> panel title; panels appear for the keys a run logged
+PANELS = {"loss": "training loss", "eval_accuracy": "held-out exact-match accuracy"}
+
+
+def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
+    """One panel per metric in :data:`PANELS`; one line per stage (steps offset so stages follow
+    each other on the x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PANELS if any(k in r for recs in stages.values() for r in recs)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 3.8), squeeze=False)
+    offset = 0
+    for name, records in stages.items():
+        last = max((r.get("step", 0) for r in records), default=0)
+        for ax, key in zip(axes[0], keys):
+            pts = [(offset + r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=name)
+        offset += last
+    for ax, key in zip(axes[0], keys):
+        ax.set_title(PANELS[key])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(stages) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def write_report(run_dir: Path, title: str, metrics: list[dict[str, Any]], summary: dict[str, Any],
+                 stages: dict[str, list[dict[str, Any]]] | None = None) -> tuple[Path, Path]:
+    """``report.md`` (a table of ``summary`` and the plot) and ``report.png`` in ``run_dir``."""
+    png = plot_curves(stages or {title: metrics}, run_dir / "report.png")
+    lines = [f"# tether {title} report", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", f"![curves]({png.name})", ""]
+    md = run_dir / "report.md"
+    md.write_text("\n".join(lines))
+    return md, png

@@ -1,0 +1,53 @@
+"""Shared fixtures. Slow learning runs are marked ``slow`` and run with SLOW=1 or CI=true."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SLOW") == "1" or os.environ.get("CI", "").lower() in ("1", "true"):
+        return
+    skip = pytest.mark.skip(reason="slow learning run: set SLOW=1 (CI=true runs it too)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_build_config():
+    """A fast build: small corpus, untrained weights (for plumbing tests, not learning)."""
+    from tether.embedded import BuildConfig
+
+    return BuildConfig(corpus_facts=3000, corpus_sentences=1500, pretrain_steps=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_build_config) -> Path:
+    """Tokenizer + randomly initialised tiny Qwen2, saved as an HF folder."""
+    from tether.embedded import build_init
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_init(tiny_build_config, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from tether.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    """The real embedded model (pretrained), from the user's cache; built on first use."""
+    from tether.embedded import ensure_embedded
+
+    return ensure_embedded(progress=False)

@@ -1,0 +1,122 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from tether.data import IGNORE, DataError, DataStats, EpochSampler, collate, pack, read_rows, tokenize_sft
+from tether.modeling import load_causal_lm, target_logits
+
+
+def rows_of(*dicts):
+    return read_rows(list(dicts))
+
+
+def test_completion_only_mask_excludes_prompt_tokens(tokenizer):
+    prompt, completion = "Question: What is 3 + 4?\nAnswer:", " 3 + 4 = 7"
+    (ex,), _ = tokenize_sft(rows_of({"prompt": prompt, "completion": completion}), tokenizer, 128)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ex.input_ids == p + c
+    assert ex.loss_mask == [0] * len(p) + [1] * len(c)
+    batch = collate([ex], tokenizer.pad_token_id)
+    trained = batch.targets[batch.targets != IGNORE].tolist()
+    assert trained == c  # exactly the completion and its EOS are predicted, no prompt token
+
+
+def test_chat_messages_train_on_assistant_turns_only(tokenizer):
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"}]
+    (ex,), _ = tokenize_sft(rows_of({"messages": msgs}), tokenizer, 128)
+    trained = tokenizer.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m])
+    assert trained == "4<|im_end|>\n6<|im_end|>\n"
+    # conversational prompt/completion: loss on the completion turn only
+    (ex2,), _ = tokenize_sft(rows_of({"prompt": msgs[:3], "completion": msgs[3:]}), tokenizer, 128)
+    assert tokenizer.decode([t for t, m in zip(ex2.input_ids, ex2.loss_mask) if m]) == "6<|im_end|>\n"
+
+
+def test_malformed_jsonl_row_names_file_and_line(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:2"):
+        read_rows(f)
+    g = tmp_path / "e.jsonl"
+    g.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n\n" + json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"e\.jsonl:3.*keys \(prompt\)"):
+        tokenize_sft(read_rows(g), tokenizer, 64)
+
+
+def test_skip_bad_rows_counts_them(tmp_path, tokenizer):
+    f = tmp_path / "d.jsonl"
+    lines = [json.dumps({"prompt": "a", "completion": " b"}), "[1, 2]", "{oops",
+             json.dumps({"prompt": "a", "completion": ""}), json.dumps({"text": "hello there"})]
+    f.write_text("\n".join(lines) + "\n")
+    stats = DataStats()
+    exs, stats = tokenize_sft(read_rows(f, skip_bad_rows=True, stats=stats), tokenizer, 64, skip_bad_rows=True,
+                              stats=stats)
+    assert len(exs) == 2 and stats.skipped_bad == 3 and stats.rows == 2
+
+
+def test_overlong_rows_are_dropped_and_counted_or_truncated(tokenizer):
+    rows = rows_of({"prompt": "Q:", "completion": " short"}, {"prompt": "Q:", "completion": " word" * 50})
+    exs, stats = tokenize_sft(rows, tokenizer, 20)
+    assert len(exs) == 1 and stats.dropped_too_long == 1
+    exs, stats = tokenize_sft(rows, tokenizer, 20, overlong="truncate")
+    assert len(exs) == 2 and stats.truncated == 1 and max(len(e.input_ids) for e in exs) == 20
+
+
+def test_tokenizer_without_pad_keeps_real_eos_in_the_loss(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    rows = rows_of({"prompt": "Q: 1 + 1?", "completion": " 2"}, {"prompt": "Q: 10 + 10?", "completion": " 10 + 10 = 20"})
+    exs, _ = tokenize_sft(rows, tok, 64)
+    batch = collate(exs, tok.eos_token_id)  # what the trainer does without a pad token
+    eos = tok.eos_token_id
+    for i, ex in enumerate(exs):
+        n = len(ex.input_ids)
+        assert batch.targets[i, n - 2] == eos  # the last real position predicts EOS
+        assert (batch.targets[i, n - 1:] == IGNORE).all()  # padding (also EOS ids) is never a target
+    assert batch.attention_mask.sum().item() == sum(len(e.input_ids) for e in exs)
+
+
+def test_datasets_folder_is_read(tmp_path, tokenizer):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": "Q:", "completion": " a"}, {"prompt": "Q:", "completion": " b"}])
+    ds.save_to_disk(str(tmp_path / "ds"))
+    rows = read_rows(tmp_path / "ds")
+    assert [r.data["completion"] for r in rows] == [" a", " b"]
+    assert tokenize_sft(rows, tokenizer, 32)[1].rows == 2
+
+
+def test_packing_has_no_cross_contamination(tiny_model, tokenizer):
+    model = load_causal_lm(tiny_model).eval()
+    rows = rows_of(*[{"prompt": f"Question: What is {a} + {a}?\nAnswer:", "completion": f" {a} + {a} = {2 * a}"}
+                     for a in (3, 41, 7, 88)])
+    exs, _ = tokenize_sft(rows, tokenizer, 128)
+    packs = pack(exs, 64)
+    assert len(packs) < len(exs)  # something was actually packed together
+    with torch.no_grad():
+        packed_logits, packed_targets = target_logits(model, collate(packs, tokenizer.pad_token_id))
+        single = [target_logits(model, collate([e], tokenizer.pad_token_id)) for e in exs]
+    ref_logits = torch.cat([lg for lg, _ in single])
+    assert torch.equal(packed_targets, torch.cat([t for _, t in single]))
+    torch.testing.assert_close(packed_logits, ref_logits, atol=1e-5, rtol=1e-5)
+    # without the position-id reset the second example would see the first: the check can fail
+    with torch.no_grad():
+        b = collate(packs, tokenizer.pad_token_id)
+        b.position_ids = None
+        leaky, _ = target_logits(model, b)
+    assert not torch.allclose(leaky, ref_logits, atol=1e-3)
+
+
+def test_sampler_covers_each_epoch_and_resumes_exactly():
+    s = EpochSampler(10, seed=3)
+    first = s.next(7)
+    state = s.state_dict()
+    rest = s.next(13)
+    assert sorted(first + rest[:3]) == list(range(10))  # epoch 0 is a permutation
+    t = EpochSampler(10, seed=3)
+    t.load_state_dict(state)
+    assert t.next(13) == rest
