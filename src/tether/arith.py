@@ -159,7 +159,7 @@ def _sentence(rng: random.Random, lexicon: list[str]) -> str:
 
 def _fact(rng: random.Random, p: Problem) -> str:
     """One arithmetic fact in one of several phrasings (never the exact SFT Q/A format)."""
-    style = rng.randrange(4)
+    style = rng.choices(range(4), weights=(6, 2, 1, 1))[0]  # mostly the compact form: most facts per token
     if style == 0:
         return f"{p.a} {p.op} {p.b} = {p.answer}"
     if style == 1:

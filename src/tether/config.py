@@ -96,9 +96,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Names TRL / transformers users type, mapped to tether's, for the "did you mean" hint.
+KNOWN_ALIASES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "max_length",
+    "gradient_accumulation_steps": "batch_size", "lr_scheduler_type": "schedule", "warmup_ratio": "warmup_steps",
+    "model_name_or_path": "model", "dataset": "data", "train_file": "data", "bf16": "dtype",
+}
+
+
 def _unknown_key_message(cls: type[Config], key: str, source: str) -> str:
     valid = list(cls.model_fields)
-    close = difflib.get_close_matches(key, valid, n=1)
+    alias = KNOWN_ALIASES.get(key)
+    close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key {key!r} in {source} for {cls.__name__}{hint}; valid keys: {', '.join(valid)}"
 

@@ -17,11 +17,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from .arith import ArithSpec, pretrain_corpus
 from .config import Config
+from .modeling import default_dtype
 
 EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]  # ids 0..3: eos_token_id 0, pad_token_id 1
@@ -52,16 +54,21 @@ class BuildConfig(Config):
     num_key_value_heads: int = 2
     intermediate_size: int = 688
     max_position_embeddings: int = 512
-    corpus_facts: int = Field(60000, description="arithmetic facts in the pretraining corpus")
-    corpus_sentences: int = Field(20000, description="lines of English-like text in the corpus")
-    pretrain_steps: int = Field(300, description="optimizer steps of pretraining (0: random weights)")
-    pretrain_batch_size: int = Field(16, description="packed rows of pretrain_max_length tokens per step")
+    corpus_facts: int = Field(200000, description="arithmetic facts in the pretraining corpus")
+    corpus_sentences: int = Field(3000, description="lines of English-like text in the corpus")
+    pretrain_steps: int = Field(1000, description="optimizer steps of pretraining (0: random weights)")
+    pretrain_batch_size: int = Field(8, description="packed rows of pretrain_max_length tokens per step")
     pretrain_max_length: int = 256
     pretrain_lr: float = 2e-3
-    pretrain_dtype: str = Field("bf16", pattern="^(fp32|bf16)$", description="autocast dtype of pretraining")
+    pretrain_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast dtype of pretraining; auto: bf16 where the CPU computes it natively")
+
+    def resolved_dtype(self) -> str:
+        return default_dtype() if self.pretrain_dtype == "auto" else self.pretrain_dtype
 
     def key(self) -> str:
-        blob = json.dumps({"format": BUILD_FORMAT, **self.model_dump(mode="json")}, sort_keys=True)
+        values = {**self.model_dump(mode="json"), "pretrain_dtype": self.resolved_dtype()}
+        blob = json.dumps({"format": BUILD_FORMAT, **values}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -148,7 +155,7 @@ def build(cfg: BuildConfig, out: Path, progress: bool = True) -> Path:
             seed=cfg.seed, max_steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size,
             micro_batch_size=cfg.pretrain_batch_size, packing=True, max_length=cfg.pretrain_max_length,
             lr=cfg.pretrain_lr, warmup_steps=max(1, cfg.pretrain_steps // 20), schedule="cosine",
-            save_every=0, progress=progress, report=False, dtype=cfg.pretrain_dtype,
+            save_every=0, progress=progress, report=False, dtype=cfg.resolved_dtype(),
         )
         result = sft.train(run)
         final = Path(result.final_dir)

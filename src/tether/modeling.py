@@ -40,6 +40,18 @@ def load_causal_lm(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
+def default_dtype() -> str:
+    """"bf16" where the CPU (or GPU) computes bf16 natively, else "fp32". Emulated bf16 is slower
+    than fp32, so tether only autocasts where it pays."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
 def autocast(dtype: str):
     """bf16 autocast on CPU (AVX512-BF16 makes matmuls ~2x faster); fp32 is a no-op context."""
     if dtype == "bf16":

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from .config import Config
 from .embedded import BuildConfig, ensure_embedded
+from .modeling import default_dtype
 from .runlog import read_metrics
 
 
@@ -23,9 +25,10 @@ class QuickstartConfig(Config):
 
     output_dir: str = Field("runs/quickstart", description="run folder (replaced on each run)")
     seed: int = Field(0, description="seed of every stage")
-    sft_steps: int = Field(150, ge=1, description="SFT optimizer steps")
+    sft_steps: int = Field(300, ge=1, description="SFT optimizer steps")
     sft_lr: float = Field(1e-3, gt=0, description="SFT peak learning rate")
-    sft_batch_size: int = Field(32, ge=1, description="SFT examples per step")
+    sft_batch_size: int = Field(64, ge=1, description="SFT examples per step")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype; auto: bf16 where the CPU computes it natively")
     eval_samples: int = Field(300, ge=1, description="held-out prompts scored by greedy exact match")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
     progress: bool = Field(True, description="show progress bars")
@@ -49,7 +52,8 @@ def run(cfg: QuickstartConfig) -> dict:
     r = sft.train(sft.SFTConfig(
         model=str(model_dir), output_dir=str(out / "sft"), overwrite=True, seed=cfg.seed, max_steps=cfg.sft_steps,
         lr=cfg.sft_lr, batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_batch_size,
-        eval_samples=cfg.eval_samples, threads=cfg.threads, progress=cfg.progress))
+        eval_samples=cfg.eval_samples, eval_every=max(1, cfg.sft_steps // 6), threads=cfg.threads, progress=cfg.progress,
+        dtype=default_dtype() if cfg.dtype == "auto" else cfg.dtype))
     timings["sft"] = time.time() - t0
 
     before, after = r.eval_before["accuracy"], r.eval_after["accuracy"]

@@ -49,7 +49,8 @@ class RunLogger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
-                             file=sys.stderr, leave=True)
+                             file=sys.stderr, leave=True,
+                             mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs, not animations
         self._tb = None
         if tensorboard:
             try:
