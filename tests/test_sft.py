@@ -84,10 +84,14 @@ def test_refuses_to_mix_into_an_existing_run(tiny_model, tmp_path):
 
 def test_sft_learns_on_the_embedded_model(embedded_model, tmp_path):
     """A small fixed budget of SFT lowers the loss and lifts held-out exact-match accuracy."""
-    cfg = sft.SFTConfig(model=str(embedded_model), output_dir=str(tmp_path / "learn"), max_steps=60, lr=1e-3,
-                        eval_samples=200, progress=False, report=False, seed=1)
+    from tether.modeling import default_dtype
+
+    cfg = sft.SFTConfig(model=str(embedded_model), output_dir=str(tmp_path / "learn"), max_steps=150, lr=1e-3,
+                        batch_size=64, micro_batch_size=64, eval_samples=200, progress=False, report=False, seed=1,
+                        dtype=default_dtype())
     r = sft.train(cfg)
     losses = [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:5]) / 5
-    assert r.eval_after["accuracy"] >= 0.10
+    assert sum(losses[-10:]) / 10 < 0.3 * sum(losses[:5]) / 5
+    assert r.eval_before["accuracy"] < 0.10
+    assert r.eval_after["accuracy"] >= 0.12
     assert r.eval_after["accuracy"] >= r.eval_before["accuracy"] + 0.08
