@@ -34,7 +34,7 @@ class SFTConfig(runs.TrainConfig):
     data: str = Field("arith", description="'arith' (generated arithmetic problems), a .jsonl/.json/.parquet/.csv file, or a datasets folder")
     arith: ArithSpec = Field(default_factory=ArithSpec, description="difficulty of the arithmetic world (data=arith, eval_data=arith)")
     arith_rows: int = Field(20000, ge=1, description="rows generated when data=arith")
-    eval_data: str = Field("arith", description="'arith' (held-out problems), a file of {prompt, answer} rows, or 'none'")
+    eval_data: str = Field("auto", description="'arith' (held-out problems), a file of {prompt, answer} rows, 'none', or 'auto' (arith when data=arith, else none)")
     eval_samples: int = Field(200, ge=1, description="held-out prompts scored by greedy exact match")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after training)")
     max_new_tokens: int = Field(16, ge=1, description="generation budget of the evaluation")
@@ -107,7 +107,8 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
         sampler.load_state_dict(state["sampler"])
         start = state["step"]
 
-    eval_rows = [] if cfg.eval_data == "none" else load_eval_rows(cfg.eval_data, cfg.eval_samples, cfg.arith)
+    eval_source = ("arith" if cfg.data == "arith" and rows is None else "none") if cfg.eval_data == "auto" else cfg.eval_data
+    eval_rows = [] if eval_source == "none" else load_eval_rows(eval_source, cfg.eval_samples, cfg.arith)
     logger = RunLogger(run_dir, cfg.max_steps, start, "sft", cfg.progress, cfg.tensorboard)
     logger.message(f"sft: {stats.summary()}; {len(items)} {'packed rows' if cfg.packing else 'examples'}; "
                    f"model {model_path}; run {run_dir}")

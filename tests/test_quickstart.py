@@ -1,0 +1,22 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path, embedded_model):
+    """The README's main job: SFT lands in the 20-60% band the later alignment stages need."""
+    out = tmp_path / "qs"
+    r = subprocess.run([sys.executable, "-m", "tether.cli", "quickstart", f"output_dir={out}", "progress=false"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out accuracy: pretrained" in r.stdout and "report:" in r.stdout and "checkpoint:" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    acc = summary["accuracy"]
+    assert 0.20 <= acc["sft"] <= 0.60 and acc["sft"] >= acc["pretrained"] + 0.15
+    assert (out / "report.md").read_text().count("|") > 10 and (out / "report.png").stat().st_size > 10_000
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "sft" / "final")
