@@ -14,12 +14,17 @@ def test_help_explains_every_option():
     assert top.returncode == 0
     for cmd in ("quickstart", "sft", "build", "eval"):
         assert cmd in top.stdout
-    sft = run_cli("sft", "--help")
-    assert sft.returncode == 0
-    for name, field in SFTConfig.model_fields.items():
-        assert f"  {name} (" in sft.stdout, name
-        if field.description:
-            assert field.description[:40] in sft.stdout.replace("\n      ", " ")
+    from tether.embedded import BuildConfig
+    from tether.evaluate import EvalConfig
+    from tether.quickstart import QuickstartConfig
+
+    for cmd, cls in [("sft", SFTConfig), ("quickstart", QuickstartConfig), ("build", BuildConfig), ("eval", EvalConfig)]:
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0
+        for name, field in cls.model_fields.items():
+            assert f"  {name} (" in r.stdout, (cmd, name)
+            assert field.description, f"{cls.__name__}.{name} has no description"
+            assert field.description[:40] in r.stdout, (cmd, name)
 
 
 def test_unknown_key_exits_with_a_clear_error(capsys):

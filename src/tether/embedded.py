@@ -48,18 +48,18 @@ class BuildConfig(Config):
     seed: int = Field(0, description="seed of the corpus, the initial weights and pretraining")
     arith: ArithSpec = Field(default_factory=ArithSpec, description="difficulty of the arithmetic world")
     vocab_size: int = Field(2048, description="tokenizer and embedding size")
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 688
-    max_position_embeddings: int = 512
+    hidden_size: int = Field(256, description="model width")
+    num_hidden_layers: int = Field(4, description="transformer blocks")
+    num_attention_heads: int = Field(4, description="query heads")
+    num_key_value_heads: int = Field(2, description="key/value heads (grouped-query attention)")
+    intermediate_size: int = Field(688, description="MLP width")
+    max_position_embeddings: int = Field(512, description="longest sequence the model takes")
     corpus_facts: int = Field(200000, description="arithmetic facts in the pretraining corpus")
     corpus_sentences: int = Field(3000, description="lines of English-like text in the corpus")
     pretrain_steps: int = Field(1000, description="optimizer steps of pretraining (0: random weights)")
     pretrain_batch_size: int = Field(8, description="packed rows of pretrain_max_length tokens per step")
-    pretrain_max_length: int = 256
-    pretrain_lr: float = 2e-3
+    pretrain_max_length: int = Field(256, description="tokens per packed pretraining row")
+    pretrain_lr: float = Field(2e-3, description="peak learning rate of pretraining (cosine schedule)")
     pretrain_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="autocast dtype of pretraining; auto: bf16 where the CPU computes it natively")
 

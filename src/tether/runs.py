@@ -33,12 +33,12 @@ class TrainConfig(Config):
     batch_size: int = Field(32, ge=1, description="examples per optimizer step")
     micro_batch_size: int = Field(32, ge=1, description="examples per forward/backward; batch_size/micro_batch_size = gradient accumulation steps")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only; biases and norms never decay)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW second-moment decay")
     warmup_steps: int = Field(10, ge=0, description="linear warmup from 0 to lr")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay to min_lr_ratio*lr, or constant")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate of the cosine schedule, as a fraction of lr")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping by global norm (0: off)")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer stay fp32)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
