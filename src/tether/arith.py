@@ -108,6 +108,31 @@ def eval_rows(spec: ArithSpec, n: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"prompt": p.prompt, "answer": str(p.answer)} for p in chosen]
 
 
+def corrupt(p: Problem, rng: random.Random) -> tuple[str, str]:
+    """A plausible wrong answer to ``p`` and its kind: a wrong result (most often), an answer cut
+    before its result, or an over-long answer that rambles on to a wrong number."""
+    kind = rng.choices(["wrong_result", "truncated", "overlong"], weights=(6, 1, 1))[0]
+    wrong = p.answer + rng.choice([-1, 1]) * rng.randint(1, 10)
+    if wrong < 0:
+        wrong = p.answer + rng.randint(1, 10)
+    if kind == "wrong_result":
+        return f" {p.a} {p.op} {p.b} = {wrong}", kind
+    if kind == "truncated":
+        return f" {p.a} {p.op} {p.b} =", kind
+    return f" {p.a} {p.op} {p.b} = {p.answer} {p.op} {p.b} = {wrong}", kind
+
+
+def preference_rows(spec: ArithSpec, n: int, seed: int, split: str = "train") -> list[dict[str, str]]:
+    """Preference pairs ``{prompt, chosen, rejected, kind}``: the correct worked answer against a
+    corruption of it (:func:`corrupt`)."""
+    rng = random.Random(f"arith-prefs-{split}-{seed}")
+    rows = []
+    for p in sample_problems(spec, n, seed + 7919, split):
+        rejected, kind = corrupt(p, rng)
+        rows.append({"prompt": p.prompt, "chosen": p.completion, "rejected": rejected, "kind": kind})
+    return rows
+
+
 _INT = re.compile(r"-?\d+")
 
 

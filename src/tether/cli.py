@@ -49,6 +49,21 @@ def _cmd_sft(cfg) -> int:
     return 0
 
 
+def _cmd_dpo(cfg) -> int:
+    from .dpo import train
+
+    r = train(cfg)
+    if r.stopped_early:
+        print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}")
+        return 0
+    for name, ev in (("before", r.eval_before), ("after", r.eval_after)):
+        if ev:
+            shown = ", ".join(f"{k} {ev[k]:.1%}" for k in ("pref_accuracy", "accuracy") if k in ev)
+            print(f"held-out {name}: {shown}")
+    print(f"model:  {r.final_dir}")
+    return 0
+
+
 def _cmd_quickstart(cfg) -> int:
     from .quickstart import run
 
@@ -76,6 +91,7 @@ def _cmd_eval(cfg) -> int:
 
 def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
     """name -> (config class, handler, one-line description). Imports stay light until run."""
+    from .dpo import DPOConfig
     from .embedded import BuildConfig
     from .evaluate import EvalConfig
     from .quickstart import QuickstartConfig
@@ -85,6 +101,7 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
         "quickstart": (QuickstartConfig, _cmd_quickstart,
                        "build the embedded model, run SFT, evaluate before/after, write a report"),
         "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (completion-only loss) of a causal LM"),
+        "dpo": (DPOConfig, _cmd_dpo, "direct preference optimisation (15 loss types) from preference pairs"),
         "build": (BuildConfig, _cmd_build, "build (or find in the cache) the embedded arithmetic model; prints its path"),
         "eval": (EvalConfig, _cmd_eval, "greedy exact-match accuracy of a model on held-out prompts"),
     }

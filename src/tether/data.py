@@ -339,3 +339,95 @@ class EpochSampler:
             raise DataError(f"the data changed since the checkpoint: {self.n} examples now, {state['n']} then")
         self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"]
         self.generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PairExample:
+    """One tokenized preference pair: the shared prompt and both completions (each ends in EOS)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+    def rows(self) -> tuple[Example, Example]:
+        p = [0] * len(self.prompt)
+        return (Example(self.prompt + self.chosen, p + [1] * len(self.chosen)),
+                Example(self.prompt + self.rejected, p + [1] * len(self.rejected)))
+
+
+def _split_prompt(row: Row) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of a row; a conversational row without ``prompt`` has its
+    shared leading messages split off as the prompt, as TRL does."""
+    d = row.data
+    missing = [k for k in ("chosen", "rejected") if k not in d]
+    if missing:
+        raise DataError(f"{row.where}: preference row without '{missing[0]}' (keys: {', '.join(sorted(d))})")
+    chosen, rejected = d["chosen"], d["rejected"]
+    if "prompt" in d:
+        return d["prompt"], chosen, rejected
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        if k == 0:
+            raise DataError(f"{row.where}: chosen and rejected share no leading messages to use as the prompt")
+        return chosen[:k], chosen[k:], rejected[k:]
+    raise DataError(f"{row.where}: preference row without 'prompt'")
+
+
+def _completion_text(row: Row, tokenizer, prompt: Any, completion: Any, key: str) -> tuple[str, str]:
+    """(prompt text, completion text); chat turns are rendered with the tokenizer's template."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return prompt, completion
+    if isinstance(prompt, list) and isinstance(completion, list):
+        msgs_p = _check_messages(row, prompt, "prompt")
+        msgs_c = _check_messages(row, completion, key)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"{row.where}: chat messages given but the tokenizer has no chat template")
+        p = tokenizer.apply_chat_template(msgs_p, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs_p + msgs_c, tokenize=False)
+        if not full.startswith(p):
+            raise DataError(f"{row.where}: the chat template does not render the prompt as a prefix")
+        return p, full[len(p):]
+    raise DataError(f"{row.where}: 'prompt' and '{key}' must both be strings or both message lists")
+
+
+def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_rows: bool = False,
+                   stats: DataStats | None = None) -> tuple[list[PairExample], DataStats]:
+    """Tokenize preference rows. Prompt and completions are tokenized separately (the way the
+    model meets them when it generates), EOS appended to plain-text completions. Pairs longer
+    than ``max_length`` are dropped and counted; a missing field, an empty completion or
+    chosen == rejected is a :class:`DataError` (or a counted skip)."""
+    stats = stats if stats is not None else DataStats()
+    eos = tokenizer.eos_token_id
+    out = []
+    for row in rows:
+        try:
+            prompt, chosen, rejected = _split_prompt(row)
+            p_text, c_text = _completion_text(row, tokenizer, prompt, chosen, "chosen")
+            _, r_text = _completion_text(row, tokenizer, prompt, rejected, "rejected")
+            if not c_text.strip() or not r_text.strip():
+                raise DataError(f"{row.where}: empty {'chosen' if not c_text.strip() else 'rejected'} completion")
+            if c_text == r_text:
+                raise DataError(f"{row.where}: chosen and rejected are identical")
+        except DataError as e:
+            _bad(stats, skip_bad_rows, str(e))
+            continue
+        p = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        cr = []
+        for text in (c_text, r_text):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if isinstance(chosen, str) and eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+            cr.append(ids)
+        if len(p) + max(len(cr[0]), len(cr[1])) > max_length:
+            stats.dropped_too_long += 1
+            continue
+        out.append(PairExample(p, cr[0], cr[1]))
+    stats.rows = len(out)
+    if stats.dropped_too_long or stats.skipped_bad:
+        log.warning("data: %s", stats.summary())
+    return out, stats

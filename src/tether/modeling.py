@@ -73,3 +73,13 @@ def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]
         return logits[sel], batch.targets[sel]
     hidden = model.base_model(**kwargs).last_hidden_state  # (B, T, H)
     return model.get_output_embeddings()(hidden[sel]), batch.targets[sel]
+
+
+def token_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log π(target) as a (B, T) tensor (0 where there is no target) and the (B, T)
+    target mask. Logits exist only at target positions (see :func:`target_logits`)."""
+    logits, targets = target_logits(model, batch)
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    mask = batch.targets != IGNORE
+    full = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
+    return full.masked_scatter(mask, lp), mask

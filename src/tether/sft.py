@@ -129,13 +129,10 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
         micro = [collate([items[i] for i in idx[j:j + cfg.micro_batch_size]], pad_id)
                  for j in range(0, cfg.batch_size, cfg.micro_batch_size)]
         loss_sum, n_total = accumulate_gradients(model, micro, cfg.dtype)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = runs.optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
         dt = time.perf_counter() - t0
         n_tok = sum(b.n_tokens for b in micro)
-        logger.log(step, {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+        logger.log(step, {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "tokens": n_tok, "target_tokens": n_total, "tok_per_s": n_tok / dt, "step_time": dt,
                           "epoch": sampler.epoch + sampler.pos / sampler.n})
         if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:

@@ -152,8 +152,9 @@ def discopop(t: PairTerms) -> torch.Tensor:
 
 
 def sft(t: PairTerms) -> torch.Tensor:
-    """NLL of the chosen completions, averaged over all their tokens in the batch, broadcast to B."""
-    return (-t.logp_c.sum() / t.n_c.sum()).expand_as(t.logp_c)
+    """NLL of the chosen completions (RPO's auxiliary term). Per pair this is the summed token NLL;
+    it is reduced over *tokens*, not pairs (:data:`TOKEN_MEAN_LOSSES`): -Σ log π(y+) / Σ n_c."""
+    return -t.logp_c
 
 
 def sigmoid_norm(t: PairTerms) -> torch.Tensor:
@@ -165,6 +166,10 @@ DPO_LOSSES: dict[str, Callable[[PairTerms], torch.Tensor]] = {
     f.__name__: f for f in (sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
                             apo_zero, apo_down, discopop, sft, sigmoid_norm)
 }
+
+
+# Losses reduced as Σ_B ℓ / (completion tokens of the chosen rows) instead of Σ_B ℓ / B.
+TOKEN_MEAN_LOSSES = frozenset({"sft"})
 
 
 def check_loss_types(loss_types: Sequence[str], label_smoothing: float, f_divergence: str) -> None:
@@ -184,12 +189,16 @@ def dpo_loss(
     logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
     n_c: torch.Tensor, n_r: torch.Tensor, *, beta: float = 0.1, loss_types: Sequence[str] = ("sigmoid",),
     loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0, f_divergence: str = "reverse_kl",
-    f_alpha: float = 1.0, discopop_tau: float = 0.05,
+    f_alpha: float = 1.0, discopop_tau: float = 0.05, n_pairs: float | None = None, n_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Batch loss Σ_k w_k mean_B ℓ_k and TRL's logged metrics (detached).
+    """Batch loss Σ_k w_k Σ_B ℓ_k / N_k and TRL's logged metrics (detached, means over B).
 
     ``logp_*`` are policy and ``ref_*`` reference sequence log-probs (B,); ``n_c, n_r`` the
     completion token counts (B,). With no reference (reference-free), pass zeros for ``ref_*``.
+    N_k is ``n_pairs`` (default B), or ``n_tokens`` (default Σ n_c) for the token-level ``sft``
+    term. A trainer that splits an optimizer step into micro-batches passes the counts of the
+    *whole step*, so that the summed micro-batch losses equal the one-batch loss (TRL averages per
+    micro-batch, which changes the ``sft`` term with the split).
     """
     check_loss_types(loss_types, label_smoothing, f_divergence)
     weights = list(loss_weights) if loss_weights is not None else [1.0] * len(loss_types)
@@ -200,7 +209,10 @@ def dpo_loss(
     terms = PairTerms(logp_c, logp_r, ref_c, ref_r, rho_c, rho_r, score(rho_c, f_alpha), score(rho_r, f_alpha),
                       n_c.to(logp_c.dtype).clamp(min=1), n_r.to(logp_r.dtype).clamp(min=1), beta, label_smoothing,
                       discopop_tau)
-    loss = sum(w * DPO_LOSSES[k](terms).mean() for k, w in zip(loss_types, weights))
+    n_pairs = n_pairs if n_pairs is not None else logp_c.shape[0]
+    n_tokens = n_tokens if n_tokens is not None else terms.n_c.sum()
+    loss = sum(w * DPO_LOSSES[k](terms).sum() / (n_tokens if k in TOKEN_MEAN_LOSSES else n_pairs)
+               for k, w in zip(loss_types, weights))
     with torch.no_grad():
         rc, rr = beta * rho_c, beta * rho_r  # implicit rewards, from the raw log-ratios
         metrics = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (rc - rr).mean(),

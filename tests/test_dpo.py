@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+
+from tether import dpo
+from tether.arith import ArithSpec, corrupt, preference_rows, sample_problems
+from tether.data import DataError, DataStats, read_rows, tokenize_pairs
+
+
+def test_arith_pairs_are_correct_against_wrong():
+    from tether.arith import exact_match
+
+    rows = preference_rows(ArithSpec(), 300, 0)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"wrong_result", "truncated", "overlong"}
+    for r in rows:
+        answer = r["prompt"].split("What is ")[1].split("?")[0]
+        a, op, b = answer.split()
+        truth = eval(f"{a}{op}{b}")  # noqa: S307 - our own generated digits
+        assert exact_match(r["chosen"], truth) and not exact_match(r["rejected"], truth)
+    held = {r["prompt"] for r in preference_rows(ArithSpec(), 100, 0, "held_out")}
+    assert not held & {r["prompt"] for r in rows}
+
+
+def test_bad_pairs_get_a_clear_error_or_a_counted_skip(tokenizer):
+    rows = [{"prompt": "Q:", "chosen": " 1", "rejected": " 2"},
+            {"prompt": "Q:", "chosen": " 1"},
+            {"prompt": "Q:", "chosen": " 1", "rejected": " 1"},
+            {"prompt": "Q:", "chosen": " ", "rejected": " 2"}]
+    with pytest.raises(DataError, match=r"row 1: preference row without 'rejected'"):
+        tokenize_pairs(read_rows(rows), tokenizer, 64)
+    with pytest.raises(DataError, match="row 1: chosen and rejected are identical"):
+        tokenize_pairs(read_rows([rows[0], rows[2]]), tokenizer, 64)
+    with pytest.raises(DataError, match="row 1: empty chosen completion"):
+        tokenize_pairs(read_rows([rows[0], rows[3]]), tokenizer, 64)
+    pairs, stats = tokenize_pairs(read_rows(rows), tokenizer, 64, skip_bad_rows=True)
+    assert len(pairs) == 1 and stats.skipped_bad == 3
+
+
+def test_chat_pairs_split_the_shared_prompt(tokenizer):
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    row = {"chosen": [user, {"role": "assistant", "content": "4"}],
+           "rejected": [user, {"role": "assistant", "content": "5"}]}
+    (pair,), _ = tokenize_pairs(read_rows([row]), tokenizer, 64)
+    assert tokenizer.decode(pair.prompt) == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(pair.chosen) == "4<|im_end|>\n" and tokenizer.decode(pair.rejected) == "5<|im_end|>\n"
+
+
+def _cfg(tiny_model, tmp_path, name, **kw):
+    base = dict(model=str(tiny_model), output_dir=str(tmp_path / name), max_steps=3, batch_size=8,
+                micro_batch_size=8, arith_pairs=32, eval_pairs=16, eval_samples=8, max_new_tokens=4, progress=False,
+                report=False, lr=1e-3, warmup_steps=0)
+    base.update(kw)
+    return dpo.DPOConfig(**base)
+
+
+def test_reference_modes_agree_on_the_first_step(tiny_model, tmp_path):
+    """Precomputed, live and (at step 1) the starting policy are the same reference: the first
+    loss is log 2 for sigmoid DPO in every mode but reference-free."""
+    first = {}
+    for mode in ("precompute", "live", "none"):
+        r = dpo.train(_cfg(tiny_model, tmp_path, mode, reference=mode, max_steps=2))
+        recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        first[mode] = recs
+    assert first["precompute"][0]["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)
+    assert [x["loss"] for x in first["live"]] == pytest.approx([x["loss"] for x in first["precompute"]], rel=1e-5)
+    assert first["none"][0]["loss"] != pytest.approx(0.6931471805599453, rel=1e-3)
+    assert (tmp_path / "precompute" / "ref_logps.pt").is_file()
+
+
+@pytest.mark.parametrize("micro", [2, 3])
+def test_micro_batches_give_the_same_gradient(tiny_model, tokenizer, micro):
+    from tether.modeling import load_causal_lm
+
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 8, 0)), tokenizer, 128)
+    ref = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)) - 20
+
+    def grads(m):
+        model = load_causal_lm(tiny_model)
+        cfg = dpo.DPOConfig(batch_size=8, micro_batch_size=8, loss_type=["sigmoid", "sft"])
+        cfg.__dict__["micro_batch_size"] = m  # bypass validation: also try an uneven split (3 + 3 + 2)
+        totals, _ = dpo.accumulate_gradients(model, pairs, ref, cfg, tokenizer.pad_token_id)
+        return totals, [p.grad.clone() for p in model.parameters()]
+
+    (t1, g1), (t2, g2) = grads(8), grads(micro)
+    assert t2["loss"] == pytest.approx(t1["loss"], rel=1e-6)
+    assert sum(g.norm() ** 2 for g in g1) ** 0.5 > 1.0  # float32 noise below is ~1e-7 of that
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_resume_is_bit_identical(tiny_model, tmp_path):
+    straight = dpo.train(_cfg(tiny_model, tmp_path, "straight", max_steps=4, eval_data="none"))
+    dpo.train(_cfg(tiny_model, tmp_path, "split", max_steps=4, eval_data="none", stop_at_step=2))
+    split = dpo.train(_cfg(tiny_model, tmp_path, "split", max_steps=4, eval_data="none", resume=True))
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(split.run_dir) == losses(straight.run_dir)
