@@ -64,6 +64,16 @@ def _cmd_dpo(cfg) -> int:
     return 0
 
 
+def _cmd_reward(cfg) -> int:
+    from .reward import train
+
+    r = train(cfg)
+    if r.accuracy_after is not None:
+        print(f"held-out pairwise accuracy: {r.accuracy_before:.1%} -> {r.accuracy_after:.1%}")
+    print(f"reward model: {r.final_dir}")
+    return 0
+
+
 def _cmd_quickstart(cfg) -> int:
     from .quickstart import run
 
@@ -95,12 +105,14 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
     from .embedded import BuildConfig
     from .evaluate import EvalConfig
     from .quickstart import QuickstartConfig
+    from .reward import RewardConfig
     from .sft import SFTConfig
 
     return {
         "quickstart": (QuickstartConfig, _cmd_quickstart,
                        "build the embedded model, run SFT, evaluate before/after, write a report"),
         "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (completion-only loss) of a causal LM"),
+        "reward": (RewardConfig, _cmd_reward, "a Bradley-Terry reward model (scalar head) from preference pairs"),
         "dpo": (DPOConfig, _cmd_dpo, "direct preference optimisation (15 loss types) from preference pairs"),
         "build": (BuildConfig, _cmd_build, "build (or find in the cache) the embedded arithmetic model; prints its path"),
         "eval": (EvalConfig, _cmd_eval, "greedy exact-match accuracy of a model on held-out prompts"),

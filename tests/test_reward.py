@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from tether import reward
+from tether.data import Example, collate
+
+
+def test_last_token_pooling_ignores_padding_side_and_pad_id(tiny_model, tokenizer):
+    torch.manual_seed(0)
+    model = reward.load_reward_model(tiny_model).eval()
+    texts = ["Question: What is 3 + 4?\nAnswer: 3 + 4 = 7", "Q: 1 + 1?", "The cat walks to the river slowly today."]
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    with torch.no_grad():
+        alone = torch.cat([reward.last_token_scores(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))
+                           for x in ids])
+        right = collate([Example(x, [0] * len(x)) for x in ids], tokenizer.pad_token_id)
+        r_right = reward.last_token_scores(model, right.input_ids, right.attention_mask)
+        # left padding, with the EOS id as pad (a tokenizer without a pad token)
+        T = max(map(len, ids))
+        left_ids = torch.tensor([[tokenizer.eos_token_id] * (T - len(x)) + x for x in ids])
+        left_mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
+        r_left = reward.last_token_scores(model, left_ids, left_mask)
+    torch.testing.assert_close(r_right, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_left, alone, atol=1e-5, rtol=1e-5)
+    assert alone.std() > 0  # distinct texts, distinct scores: the check can fail
+
+
+def test_reward_model_trains_saves_and_scores(tiny_model, tmp_path):
+    cfg = reward.RewardConfig(model=str(tiny_model), output_dir=str(tmp_path / "rm"), max_steps=4, batch_size=8,
+                              micro_batch_size=4, arith_pairs=32, eval_pairs=16, progress=False, lr=1e-3)
+    r = reward.train(cfg)
+    recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3, 4]
+    assert all(k in recs[1] for k in ("accuracy", "margin", "loss"))
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(r.final_dir)  # a plain HF folder
+    scorer = reward.RewardScorer(r.final_dir)
+    s = scorer(["Question: What is 3 + 4?\nAnswer:"] * 2, [" 3 + 4 = 7", " 3 + 4 = 9"])
+    assert s.shape == (2,) and torch.isfinite(s).all() and s[0] != s[1]
+    assert (r.run_dir / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_reward_model_learns_arithmetic_preferences(embedded_model, tmp_path):
+    cfg = reward.RewardConfig(model=str(embedded_model), output_dir=str(tmp_path / "rm"), progress=False,
+                              report=False)
+    r = reward.train(cfg)
+    assert r.accuracy_after >= 0.90
