@@ -42,8 +42,8 @@ class RewardConfig(runs.TrainConfig):
     max_length: int = Field(128, ge=2, description="longest prompt + completion; longer pairs are dropped and counted")
     skip_bad_rows: bool = Field(False, description="skip and count malformed pairs instead of stopping")
     center_coef: float = Field(0.0, ge=0, description="reward centering: + coef · E[(r_c + r_r)²]")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
-    max_steps: int = Field(150, ge=1, description="optimizer steps")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    max_steps: int = Field(300, ge=1, description="optimizer steps")
 
 
 # ---------------------------------------------------------------------------------------------
