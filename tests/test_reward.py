@@ -56,4 +56,5 @@ def test_reward_model_learns_arithmetic_preferences(tmp_path):
                                    progress=False, report=False, dtype=default_dtype()))
     r = reward.train(reward.RewardConfig(model=str(base.final_dir), output_dir=str(tmp_path / "rm"), progress=False,
                                          report=False, dtype=default_dtype()))
-    assert r.accuracy_after >= 0.70 and r.accuracy_after >= r.accuracy_before + 0.12
+    before, after = r.eval_before["pairwise_accuracy"], r.eval_after["pairwise_accuracy"]
+    assert after >= 0.70 and after >= before + 0.12

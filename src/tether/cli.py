@@ -68,8 +68,9 @@ def _cmd_reward(cfg) -> int:
     from .reward import train
 
     r = train(cfg)
-    if r.accuracy_after is not None:
-        print(f"held-out pairwise accuracy: {r.accuracy_before:.1%} -> {r.accuracy_after:.1%}")
+    if r.eval_after is not None:
+        print(f"held-out pairwise accuracy: {r.eval_before['pairwise_accuracy']:.1%} -> "
+              f"{r.eval_after['pairwise_accuracy']:.1%}")
     print(f"reward model: {r.final_dir}")
     return 0
 

@@ -9,9 +9,6 @@ exact-match), metrics, checkpoints and exact resume from the shared run plumbing
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,30 +16,22 @@ from pydantic import Field, field_validator
 
 from . import runs
 from .config import ConfigError
-from .arith import ArithSpec, preference_rows
-from .data import DataStats, EpochSampler, PairExample, collate, read_rows, tokenize_pairs
+from .data import PairExample, collate
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
 from .modeling import autocast, load_causal_lm, load_tokenizer, resolve_model_path, token_logps
-from .runlog import RunLogger, read_metrics
+from .preference import PairsConfig, load_pairs
+from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
 
 
-class DPOConfig(runs.TrainConfig):
+class DPOConfig(PairsConfig):
     """DPO from prompt/chosen/rejected pairs (plain text or chat messages)."""
 
     output_dir: str = Field("runs/dpo", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
-    data: str = Field("arith", description="'arith' (generated pairs) or a file/folder of prompt/chosen/rejected rows")
-    arith: ArithSpec = Field(default_factory=ArithSpec, description="difficulty of the arithmetic world")
-    arith_pairs: int = Field(4000, ge=1, description="pairs generated when data=arith")
-    eval_data: str = Field("auto", description="'arith', a file of {prompt, answer} rows, 'none', or 'auto' (arith when data=arith)")
-    eval_pairs: int = Field(200, ge=1, description="held-out pairs scored for preference accuracy (eval_data=arith)")
     eval_samples: int = Field(200, ge=1, description="held-out prompts scored by greedy exact match")
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     max_new_tokens: int = Field(16, ge=1, description="generation budget of the evaluation")
-    max_length: int = Field(128, ge=2, description="longest prompt + completion; longer pairs are dropped and counted")
-    skip_bad_rows: bool = Field(False, description="skip and count malformed pairs instead of stopping")
     beta: float = Field(0.1, gt=0, description="β: strength of the KL regularisation (implicit reward scale)")
     loss_type: list[str] = Field(["sigmoid"], description=f"one or more of {', '.join(DPO_LOSSES)}")
     loss_weights: list[float] | None = Field(None, description="weight of each loss_type (default 1 each)")
@@ -61,30 +50,6 @@ class DPOConfig(runs.TrainConfig):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
-
-
-@dataclass
-class DPOResult:
-    run_dir: Path
-    final_dir: Path
-    steps: int
-    seconds: float
-    eval_before: dict[str, Any] | None = None
-    eval_after: dict[str, Any] | None = None
-    data_stats: DataStats | None = None
-    stopped_early: bool = False
-
-
-def load_pairs(cfg: DPOConfig, tokenizer, rows: list[dict] | None = None, split: str = "train") -> tuple[list[PairExample], DataStats]:
-    stats = DataStats()
-    if rows is not None:
-        raw = read_rows(rows, cfg.skip_bad_rows, stats)
-    elif cfg.data == "arith":
-        n = cfg.arith_pairs if split == "train" else cfg.eval_pairs
-        raw = read_rows(preference_rows(cfg.arith, n, cfg.seed, split))
-    else:
-        raw = read_rows(cfg.data, cfg.skip_bad_rows, stats)
-    return tokenize_pairs(raw, tokenizer, cfg.max_length, cfg.skip_bad_rows, stats)
 
 
 def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | None, dtype: str = "fp32"):
@@ -140,10 +105,9 @@ def accumulate_gradients(model, batch: list[PairExample], ref: torch.Tensor, cfg
     return totals, n_tok
 
 
-def train(cfg: DPOConfig, rows: list[dict] | None = None) -> DPOResult:
+def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     """Run DPO as configured (``rows`` replaces ``cfg.data`` when given)."""
     check_loss_types(cfg.loss_type, cfg.label_smoothing, cfg.f_divergence)
-    t_start = time.time()
     runs.setup_torch(cfg)
     run_dir = runs.prepare_run_dir(cfg)
     ckpt, state = runs.resume_point(cfg, run_dir)
@@ -154,44 +118,28 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> DPOResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     pairs, stats = load_pairs(cfg, tokenizer, rows)
-    use_arith_eval = cfg.eval_data == "arith" or (cfg.eval_data == "auto" and cfg.data == "arith" and rows is None)
-    eval_pairs = load_pairs(cfg, tokenizer, split="held_out")[0] if use_arith_eval else []
+    arith_eval = cfg.arith_eval(rows)
+    eval_pairs = load_pairs(cfg, tokenizer, split="held_out")[0] if arith_eval else []
+    eval_prompts = load_eval_rows("arith", cfg.eval_samples, cfg.arith) if arith_eval else (
+        [] if cfg.eval_data in ("none", "auto") else load_eval_rows(cfg.eval_data, cfg.eval_samples))
 
-    # The reference: π_ref = the starting policy unless ref_model says otherwise.
-    ref_model = None
-    ref_cache = run_dir / "ref_logps.pt"
-    ref_train = ref_eval = None
+    # The reference: π_ref = the starting policy unless ref_model says otherwise. Precomputed
+    # log-probs are stored in the run folder, so a resumed run reuses them.
+    ref_model = ref_train = ref_eval = None
     if cfg.reference != "none":
         ref_model = load_causal_lm(resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path).eval()
         ref_model.requires_grad_(False)
+        ref_eval = reference_logps(ref_model, eval_pairs, pad_id, cfg.ld_alpha)
         if cfg.reference == "precompute":
-            if ref_cache.is_file():
-                cached = torch.load(ref_cache, weights_only=True)
-                ref_train, ref_eval = cached["train"], cached["eval"]
+            cache = run_dir / "ref_logps.pt"
+            if cache.is_file():
+                ref_train = torch.load(cache, weights_only=True)["train"]
             else:
                 ref_train = reference_logps(ref_model, pairs, pad_id, cfg.ld_alpha)
-                ref_eval = reference_logps(ref_model, eval_pairs, pad_id, cfg.ld_alpha)
-                torch.save({"train": ref_train, "eval": ref_eval}, ref_cache)
+                torch.save({"train": ref_train}, cache)
             if len(ref_train) != len(pairs):
-                raise ConfigError(f"{ref_cache} holds {len(ref_train)} pairs but the data has {len(pairs)}")
+                raise ConfigError(f"{cache} holds {len(ref_train)} pairs but the data has {len(pairs)}")
             ref_model = None  # not needed any more: free its memory
-        else:
-            ref_eval = reference_logps(ref_model, eval_pairs, pad_id, cfg.ld_alpha)
-
-    sampler = EpochSampler(len(pairs), cfg.seed)
-    optimizer = runs.make_optimizer(model, cfg)
-    scheduler = runs.make_scheduler(optimizer, cfg)
-    start = 0
-    if state is not None:
-        runs.restore_train_state(state, optimizer, scheduler)
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-
-    eval_prompts = load_eval_rows("arith", cfg.eval_samples, cfg.arith) if use_arith_eval else (
-        [] if cfg.eval_data in ("none", "auto") else load_eval_rows(cfg.eval_data, cfg.eval_samples))
-    logger = RunLogger(run_dir, cfg.max_steps, start, "dpo", cfg.progress, cfg.tensorboard)
-    logger.message(f"dpo: {stats.summary()}; reference {cfg.reference}; model {ckpt or start_path}; run {run_dir}")
-    result = DPOResult(run_dir, run_dir / "final", cfg.max_steps, 0.0, data_stats=stats)
 
     def reference_of(idx: list[int]) -> torch.Tensor:
         """(B, 2) reference log-probs of the pairs ``idx``."""
@@ -203,55 +151,34 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> DPOResult:
             c, r, _, _ = pair_logps(ref_model, [pairs[i] for i in idx], pad_id, cfg.ld_alpha, cfg.dtype)
         return torch.stack([c, r], -1)
 
-    def evaluate(step: int) -> dict[str, Any]:
+    def step(idx: list[int]) -> dict[str, float]:
+        totals, n_tok = accumulate_gradients(model, [pairs[i] for i in idx], reference_of(idx), cfg, pad_id)
+        return {**totals, "tokens": n_tok}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, Any]:
         ev: dict[str, Any] = {}
         if eval_pairs:
-            with torch.no_grad():
-                model.eval()
-                margins = []
-                for i in range(0, len(eval_pairs), 64):
-                    c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad_id, cfg.ld_alpha)
-                    ref = ref_eval[i:i + 64] if ref_eval is not None else torch.zeros(len(c), 2)
-                    margins.append((c - ref[:, 0]) - (r - ref[:, 1]))
-                model.train()
+            model.eval()
+            margins = []
+            for i in range(0, len(eval_pairs), 64):
+                c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad_id, cfg.ld_alpha)
+                ref = ref_eval[i:i + 64] if ref_eval is not None else torch.zeros(len(c), 2)
+                margins.append((c - ref[:, 0]) - (r - ref[:, 1]))
+            model.train()
             ev["pref_accuracy"] = float((torch.cat(margins) > 0).float().mean())
         if eval_prompts:
             ev.update(accuracy(model, tokenizer, eval_prompts, cfg.max_new_tokens))
-        logger.log(step, {f"eval_{k}": v for k, v in ev.items() if k in ("accuracy", "pref_accuracy")}, advance=False)
         return ev
 
-    if (eval_pairs or eval_prompts) and start == 0:
-        result.eval_before = evaluate(0)
-
-    step = start
-    for step in range(start + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        idx = sampler.next(cfg.batch_size)
-        totals, n_tok = accumulate_gradients(model, [pairs[i] for i in idx], reference_of(idx), cfg, pad_id)
-        grad_norm = runs.optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-        dt = time.perf_counter() - t0
-        logger.log(step, {**totals, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": n_tok,
-                          "tok_per_s": n_tok / dt, "step_time": dt})
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps and (eval_pairs or eval_prompts):
-            evaluate(step)
-        stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
-        if stop or step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            runs.save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, {"sampler": sampler.state_dict()})
-        if stop:
-            result.stopped_early = True
-            break
-
-    if not result.stopped_early:
-        runs.save_final(run_dir, model, tokenizer)
-        if eval_pairs or eval_prompts:
-            result.eval_after = evaluate(cfg.max_steps)
-    logger.close()
-    result.seconds = time.time() - t_start
-    result.steps = step
+    result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "dpo", step,
+                      evaluate if (eval_pairs or eval_prompts) else None,
+                      f"{stats.summary()}; reference {cfg.reference}; model {ckpt or start_path}")
     if cfg.report and not result.stopped_early:
         from .report import write_report
 
-        summary: dict[str, Any] = {"steps": step, "wall time (s)": round(result.seconds, 1), "data": stats.summary()}
+        summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1),
+                                   "data": stats.summary()}
         for name, ev in (("before", result.eval_before), ("after", result.eval_after)):
             for k in ("pref_accuracy", "accuracy"):
                 if ev and k in ev:

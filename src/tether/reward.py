@@ -10,8 +10,6 @@ tokenizer whose pad is its EOS still scores at the EOS).
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +17,20 @@ import torch
 from pydantic import Field
 
 from . import runs
-from .arith import ArithSpec
-from .data import DataStats, EpochSampler, Example, PairExample, collate
-from .dpo import load_pairs
+from .data import Example, PairExample, collate
 from .losses.pairwise import bradley_terry_loss
 from .modeling import autocast, load_tokenizer, resolve_model_path
-from .runlog import RunLogger, read_metrics
+from .preference import PairsConfig, load_pairs
+from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
 
 
-class RewardConfig(runs.TrainConfig):
+class RewardConfig(PairsConfig):
     """A Bradley-Terry reward model from prompt/chosen/rejected pairs (optional 'margin' column)."""
 
     output_dir: str = Field("runs/reward", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
-    data: str = Field("arith", description="'arith' (generated pairs) or a file/folder of prompt/chosen/rejected rows")
-    arith: ArithSpec = Field(default_factory=ArithSpec, description="difficulty of the arithmetic world")
-    arith_pairs: int = Field(4000, ge=1, description="pairs generated when data=arith")
-    eval_data: str = Field("auto", description="'arith' (held-out pairs), 'none', or 'auto' (arith when data=arith)")
     eval_pairs: int = Field(300, ge=1, description="held-out pairs scored for pairwise accuracy")
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
-    max_length: int = Field(128, ge=2, description="longest prompt + completion; longer pairs are dropped and counted")
-    skip_bad_rows: bool = Field(False, description="skip and count malformed pairs instead of stopping")
     center_coef: float = Field(0.0, ge=0, description="reward centering: + coef · E[(r_c + r_r)²]")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
@@ -123,21 +113,8 @@ def pairwise_accuracy(model, pairs: list[PairExample], pad_id: int) -> float:
     return hits / max(1, len(pairs))
 
 
-@dataclass
-class RewardResult:
-    run_dir: Path
-    final_dir: Path
-    steps: int
-    seconds: float
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
-    data_stats: DataStats | None = None
-    stopped_early: bool = False
-
-
-def train(cfg: RewardConfig, rows: list[dict] | None = None) -> RewardResult:
+def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     """Train a Bradley-Terry reward model as configured (``rows`` replaces ``cfg.data``)."""
-    t_start = time.time()
     runs.setup_torch(cfg)
     run_dir = runs.prepare_run_dir(cfg)
     ckpt, state = runs.resume_point(cfg, run_dir)
@@ -148,73 +125,38 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> RewardResult:
     model.train()
     pad_id = model.config.pad_token_id or 0
 
-    pairs, stats = load_pairs(cfg, tokenizer, rows)  # type: ignore[arg-type]
+    pairs, stats = load_pairs(cfg, tokenizer, rows)
     margins = _margins(cfg, rows)
     if margins is not None and len(margins) != len(pairs):
         raise ValueError(f"{len(margins)} margins for {len(pairs)} pairs: drop over-long rows from the file first")
-    use_eval = cfg.eval_data == "arith" or (cfg.eval_data == "auto" and cfg.data == "arith" and rows is None)
-    eval_pairs = load_pairs(cfg, tokenizer, split="held_out")[0] if use_eval else []  # type: ignore[arg-type]
+    eval_pairs = load_pairs(cfg, tokenizer, split="held_out")[0] if cfg.arith_eval(rows) else []
 
-    sampler = EpochSampler(len(pairs), cfg.seed)
-    optimizer = runs.make_optimizer(model, cfg)
-    scheduler = runs.make_scheduler(optimizer, cfg)
-    start = 0
-    if state is not None:
-        runs.restore_train_state(state, optimizer, scheduler)
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-
-    logger = RunLogger(run_dir, cfg.max_steps, start, "reward", cfg.progress, cfg.tensorboard)
-    logger.message(f"reward: {stats.summary()}; model {path}; run {run_dir}")
-    result = RewardResult(run_dir, run_dir / "final", cfg.max_steps, 0.0, data_stats=stats)
-
-    def evaluate(step: int) -> float:
-        acc = pairwise_accuracy(model, eval_pairs, pad_id)
-        logger.log(step, {"eval_pairwise_accuracy": acc}, advance=False)
-        return acc
-
-    if eval_pairs and start == 0:
-        result.accuracy_before = evaluate(0)
-
-    step = start
-    for step in range(start + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        idx = sampler.next(cfg.batch_size)
-        totals: dict[str, float] = {"loss": 0.0}
-        for j in range(0, cfg.batch_size, cfg.micro_batch_size):
+    def step(idx: list[int]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for j in range(0, len(idx), cfg.micro_batch_size):
             mb = idx[j:j + cfg.micro_batch_size]
             rc, rr = pair_rewards(model, [pairs[i] for i in mb], pad_id, cfg.dtype)
             loss, metrics = bradley_terry_loss(rc, rr, margins[mb] if margins is not None else None, cfg.center_coef)
-            share = len(mb) / cfg.batch_size  # the mean over the step's pairs, however it is split
+            share = len(mb) / len(idx)  # the mean over the step's pairs, however it is split
             (loss * share).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * share
-        grad_norm = runs.optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-        dt = time.perf_counter() - t0
-        n_tok = sum(2 * len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected) for i in idx)
-        logger.log(step, {**totals, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": n_tok,
-                          "tok_per_s": n_tok / dt, "step_time": dt})
-        if eval_pairs and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
-            evaluate(step)
-        stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
-        if stop or step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            runs.save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, {"sampler": sampler.state_dict()})
-        if stop:
-            result.stopped_early = True
-            break
+        totals["tokens"] = sum(2 * len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected) for i in idx)
+        return totals
 
-    if not result.stopped_early:
-        runs.save_final(run_dir, model, tokenizer)
-        if eval_pairs:
-            result.accuracy_after = evaluate(cfg.max_steps)
-    logger.close()
-    result.seconds, result.steps = time.time() - t_start, step
+    def evaluate() -> dict[str, Any]:
+        return {"pairwise_accuracy": pairwise_accuracy(model, eval_pairs, pad_id)}
+
+    result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "reward", step,
+                      evaluate if eval_pairs else None, f"{stats.summary()}; model {path}")
     if cfg.report and not result.stopped_early:
         from .report import write_report
 
-        summary: dict[str, Any] = {"steps": step, "wall time (s)": round(result.seconds, 1), "data": stats.summary()}
-        if result.accuracy_after is not None:
-            summary["held-out pairwise accuracy"] = f"{result.accuracy_before:.1%} -> {result.accuracy_after:.1%}"
+        summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1),
+                                   "data": stats.summary()}
+        if result.eval_after:
+            summary["held-out pairwise accuracy"] = (f"{result.eval_before['pairwise_accuracy']:.1%} -> "
+                                                     f"{result.eval_after['pairwise_accuracy']:.1%}")
         write_report(run_dir, "reward model", read_metrics(run_dir / "metrics.jsonl"), summary)
     return result
 
