@@ -133,6 +133,31 @@ def preference_rows(spec: ArithSpec, n: int, seed: int, split: str = "train") ->
     return rows
 
 
+ATTRIBUTES = ("correctness", "conciseness")
+
+
+def rate(p: Problem, completion: str, kind: str) -> dict[str, int]:
+    """Ratings on a 0-4 scale: correctness (4 correct; 2 off by at most 2; 1 otherwise wrong;
+    0 no result) and conciseness (4 the worked answer; 2 cut short; 1 rambling)."""
+    if kind == "correct":
+        return {"correctness": 4, "conciseness": 4}
+    if kind == "truncated":
+        return {"correctness": 0, "conciseness": 2}
+    got = extract_answer(completion)
+    close = got is not None and abs(got - p.answer) <= 2
+    return {"correctness": 2 if close else 1, "conciseness": 1 if kind == "overlong" else 4}
+
+
+def rating_rows(spec: ArithSpec, n: int, seed: int, split: str = "train") -> list[dict]:
+    """``{prompt, completion, ratings}`` rows: half correct worked answers, half corruptions."""
+    rng = random.Random(f"arith-ratings-{split}-{seed}")
+    rows = []
+    for p in sample_problems(spec, n, seed + 1299709, split):
+        completion, kind = (p.completion, "correct") if rng.random() < 0.5 else corrupt(p, rng)
+        rows.append({"prompt": p.prompt, "completion": completion, "ratings": rate(p, completion, kind)})
+    return rows
+
+
 _INT = re.compile(r"-?\d+")
 
 

@@ -75,6 +75,16 @@ def _cmd_reward(cfg) -> int:
     return 0
 
 
+def _cmd_attributes(cfg) -> int:
+    from .attributes import train
+
+    r = train(cfg)
+    if r.eval_after is not None and "rank_accuracy" in r.eval_after:
+        print(f"held-out rank accuracy: {r.eval_before['rank_accuracy']:.1%} -> {r.eval_after['rank_accuracy']:.1%}")
+    print(f"model: {r.final_dir}")
+    return 0
+
+
 def _cmd_quickstart(cfg) -> int:
     from .quickstart import run
 
@@ -102,6 +112,7 @@ def _cmd_eval(cfg) -> int:
 
 def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
     """name -> (config class, handler, one-line description). Imports stay light until run."""
+    from .attributes import AttributeConfig
     from .dpo import DPOConfig
     from .embedded import BuildConfig
     from .evaluate import EvalConfig
@@ -114,6 +125,8 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
                        "build the embedded model, run SFT, evaluate before/after, write a report"),
         "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (completion-only loss) of a causal LM"),
         "reward": (RewardConfig, _cmd_reward, "a Bradley-Terry reward model (scalar head) from preference pairs"),
+        "attributes": (AttributeConfig, _cmd_attributes,
+                       "a multi-attribute reward model: regression heads, or generated 'name: score' ratings"),
         "dpo": (DPOConfig, _cmd_dpo, "direct preference optimisation (15 loss types) from preference pairs"),
         "build": (BuildConfig, _cmd_build, "build (or find in the cache) the embedded arithmetic model; prints its path"),
         "eval": (EvalConfig, _cmd_eval, "greedy exact-match accuracy of a model on held-out prompts"),
