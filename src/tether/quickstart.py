@@ -28,6 +28,10 @@ class QuickstartConfig(Config):
     sft_steps: int = Field(300, ge=1, description="SFT optimizer steps")
     sft_lr: float = Field(1e-3, gt=0, description="SFT peak learning rate")
     sft_batch_size: int = Field(64, ge=1, description="SFT examples per step")
+    reward_steps: int = Field(300, ge=0, description="reward-model optimizer steps (0: skip the stage)")
+    dpo_steps: int = Field(260, ge=0, description="DPO optimizer steps (0: skip the stage)")
+    dpo_lr: float = Field(1e-4, gt=0, description="DPO peak learning rate")
+    dpo_loss_type: list[str] = Field(["sigmoid", "sft"], description="DPO loss types (sigmoid + sft: DPO with an NLL anchor, as RPO)")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype; auto: bf16 where the CPU computes it natively")
     eval_samples: int = Field(300, ge=1, description="held-out prompts scored by greedy exact match")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
@@ -35,45 +39,76 @@ class QuickstartConfig(Config):
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    from . import sft
+    from . import dpo, reward, sft
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dtype = default_dtype() if cfg.dtype == "auto" else cfg.dtype
+    common = dict(seed=cfg.seed, threads=cfg.threads, progress=cfg.progress, dtype=dtype, overwrite=True)
+    n_stages = 2 + (cfg.reward_steps > 0) + (cfg.dpo_steps > 0)
     timings: dict[str, float] = {}
+    stages: dict[str, list] = {}
+    table: list[tuple[str, str, str, str]] = []  # stage, greedy accuracy, preference accuracy, model
 
     t0 = time.time()
-    print("[1/2] embedded model: building on first use (a few minutes on 2 cores), cached afterwards")
+    print(f"[1/{n_stages}] embedded model: building on first use (a few minutes on 2 cores), cached afterwards")
     model_dir = ensure_embedded(BuildConfig(), progress=cfg.progress)
     timings["build (or cache hit)"] = time.time() - t0
     print(f"      {model_dir}")
 
     t0 = time.time()
-    print("[2/2] SFT on the arithmetic world")
-    r = sft.train(sft.SFTConfig(
-        model=str(model_dir), output_dir=str(out / "sft"), overwrite=True, seed=cfg.seed, max_steps=cfg.sft_steps,
-        lr=cfg.sft_lr, batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_batch_size,
-        eval_samples=cfg.eval_samples, eval_every=max(1, cfg.sft_steps // 6), threads=cfg.threads, progress=cfg.progress,
-        dtype=default_dtype() if cfg.dtype == "auto" else cfg.dtype))
+    print(f"[2/{n_stages}] SFT on the arithmetic world")
+    s = sft.train(sft.SFTConfig(
+        model=str(model_dir), output_dir=str(out / "sft"), max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+        batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_batch_size, eval_samples=cfg.eval_samples,
+        eval_every=max(1, cfg.sft_steps // 6), **common))
     timings["sft"] = time.time() - t0
+    stages["sft"] = read_metrics(s.run_dir / "metrics.jsonl")
+    acc = {"pretrained": s.eval_before["accuracy"], "sft": s.eval_after["accuracy"]}
+    table += [("pretrained", f"{acc['pretrained']:.1%}", "", str(model_dir)),
+              ("SFT", f"{acc['sft']:.1%}", "", str(s.final_dir))]
+    final_dir, extra = s.final_dir, {}
 
-    before, after = r.eval_before["accuracy"], r.eval_after["accuracy"]
-    summary = {
-        "embedded model": str(model_dir),
-        "held-out accuracy, pretrained model": f"{before:.1%}",
-        "held-out accuracy, after SFT": f"{after:.1%}",
-        "held-out prompts": r.eval_after["n"],
-        **{f"wall time: {k} (s)": round(v, 1) for k, v in timings.items()},
-        "SFT model": str(r.final_dir),
-    }
+    k = 3
+    if cfg.reward_steps:
+        t0 = time.time()
+        print(f"[{k}/{n_stages}] Bradley-Terry reward model on arithmetic preference pairs")
+        r = reward.train(reward.RewardConfig(model=str(s.final_dir), output_dir=str(out / "reward"),
+                                             max_steps=cfg.reward_steps, eval_every=max(1, cfg.reward_steps // 6),
+                                             **common))
+        timings["reward model"] = time.time() - t0
+        stages["reward"] = read_metrics(r.run_dir / "metrics.jsonl")
+        extra["reward_pairwise_accuracy"] = r.eval_after["pairwise_accuracy"]
+        table.append(("reward model", "", f"{r.eval_after['pairwise_accuracy']:.1%} (pairwise)", str(r.final_dir)))
+        k += 1
+    if cfg.dpo_steps:
+        t0 = time.time()
+        print(f"[{k}/{n_stages}] DPO from the SFT model")
+        d = dpo.train(dpo.DPOConfig(model=str(s.final_dir), output_dir=str(out / "dpo"), max_steps=cfg.dpo_steps,
+                                    lr=cfg.dpo_lr, loss_type=cfg.dpo_loss_type, eval_samples=cfg.eval_samples,
+                                    eval_every=max(1, cfg.dpo_steps // 4), **common))
+        timings["dpo"] = time.time() - t0
+        stages["dpo"] = read_metrics(d.run_dir / "metrics.jsonl")
+        acc["dpo"] = d.eval_after["accuracy"]
+        extra["dpo_preference_accuracy"] = d.eval_after["pref_accuracy"]
+        table.append(("DPO", f"{acc['dpo']:.1%}", f"{d.eval_after['pref_accuracy']:.1%} (implicit reward)",
+                      str(d.final_dir)))
+        final_dir = d.final_dir
+
     from .report import write_report
 
-    stages = {"sft": read_metrics(r.run_dir / "metrics.jsonl")}
+    summary = {"held-out prompts": s.eval_after["n"], **{f"wall time: {k} (s)": round(v, 1) for k, v in timings.items()}}
     md, png = write_report(out, "quickstart", stages["sft"], summary, stages)
+    lines = ["", "| stage | held-out greedy accuracy | held-out preference accuracy | model |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {m} |" for a, b, c, m in table]
+    md.write_text(md.read_text() + "\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(
-        {"accuracy": {"pretrained": before, "sft": after}, "timings_s": timings, "samples": r.eval_after["samples"]},
-        indent=1))
+        {"accuracy": acc, **extra, "timings_s": timings, "samples": s.eval_after["samples"]}, indent=1))
     print()
-    print(f"held-out accuracy: pretrained {before:.1%} -> SFT {after:.1%}  ({r.eval_after['n']} prompts)")
-    print(f"checkpoint: {r.final_dir}")
+    for a, b, c, _ in table:
+        print(f"  {a:<14} accuracy {b or '-':>6}   {c}")
+    print(f"held-out accuracy: pretrained {acc['pretrained']:.1%} -> SFT {acc['sft']:.1%}"
+          + (f" -> DPO {acc['dpo']:.1%}" if "dpo" in acc else "") + f"  ({s.eval_after['n']} prompts)")
+    print(f"checkpoint: {final_dir}")
     print(f"report:     {md}  (plot: {png})")
     return summary

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 # metric key -> panel title; panels appear for the keys a run logged
-PANELS = {"loss": "training loss", "eval_accuracy": "held-out exact-match accuracy"}
+PANELS = {"loss": "training loss", "eval_accuracy": "held-out exact-match accuracy",
+          "eval_pref_accuracy": "held-out preference accuracy (DPO)",
+          "eval_pairwise_accuracy": "held-out pairwise accuracy (reward model)"}
 
 
 def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
@@ -17,18 +19,23 @@ def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in PANELS if any(k in r for recs in stages.values() for r in recs)]
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 3.8), squeeze=False)
+    keys = [k for k in PANELS if any(k in r for recs in stages.values() for r in recs)] or ["loss"]
+    cols = min(2, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
     offset = 0
-    for name, records in stages.items():
+    for i, (name, records) in enumerate(stages.items()):
         last = max((r.get("step", 0) for r in records), default=0)
-        for ax, key in zip(axes[0], keys):
+        for ax, key in zip(axes, keys):
             pts = [(offset + r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=name)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=name, color=f"C{i}")
         offset += last
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes, keys):
         ax.set_title(PANELS[key])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
