@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class RunLogger:
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}, "wall": round(time.time(), 4)}
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
         if self._tb is not None:
