@@ -66,13 +66,14 @@ def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | N
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | None, batch_size: int = 64) -> torch.Tensor:
+def reference_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | None, dtype: str = "fp32",
+                    batch_size: int = 16) -> torch.Tensor:
     """(N, 2) reference log-probs of every pair, computed once."""
     was = model.training
     model.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
-        c, r, _, _ = pair_logps(model, pairs[i:i + batch_size], pad_id, ld_alpha)
+        c, r, _, _ = pair_logps(model, pairs[i:i + batch_size], pad_id, ld_alpha, dtype)
         out.append(torch.stack([c, r], -1))
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, 2)
@@ -125,21 +126,29 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
 
     # The reference: π_ref = the starting policy unless ref_model says otherwise. Precomputed
     # log-probs are stored in the run folder, so a resumed run reuses them.
+    # Precomputing needs no second model when π_ref is the starting policy: the policy itself
+    # scores every pair before its first update (and the numbers are stored for resumes).
     ref_model = ref_train = ref_eval = None
-    if cfg.reference != "none":
-        ref_model = load_causal_lm(resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path).eval()
-        ref_model.requires_grad_(False)
-        ref_eval = reference_logps(ref_model, eval_pairs, pad_id, cfg.ld_alpha)
+    cache = run_dir / "ref_logps.pt"
+    if cfg.reference == "precompute" and cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        ref_train, ref_eval = stored["train"], stored["eval"]
+    elif cfg.reference != "none":
+        if cfg.ref_model is None and cfg.reference == "precompute":
+            if ckpt is not None:
+                raise ConfigError(f"resuming {run_dir} needs {cache}, which is missing")
+            scorer = model
+        else:
+            scorer = load_causal_lm(resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path).eval()
+            scorer.requires_grad_(False)
+        ref_eval = reference_logps(scorer, eval_pairs, pad_id, cfg.ld_alpha, cfg.dtype)
         if cfg.reference == "precompute":
-            cache = run_dir / "ref_logps.pt"
-            if cache.is_file():
-                ref_train = torch.load(cache, weights_only=True)["train"]
-            else:
-                ref_train = reference_logps(ref_model, pairs, pad_id, cfg.ld_alpha)
-                torch.save({"train": ref_train}, cache)
-            if len(ref_train) != len(pairs):
-                raise ConfigError(f"{cache} holds {len(ref_train)} pairs but the data has {len(pairs)}")
-            ref_model = None  # not needed any more: free its memory
+            ref_train = reference_logps(scorer, pairs, pad_id, cfg.ld_alpha, cfg.dtype)
+            torch.save({"train": ref_train, "eval": ref_eval}, cache)
+        else:
+            ref_model = scorer
+    if ref_train is not None and len(ref_train) != len(pairs):
+        raise ConfigError(f"{cache} holds {len(ref_train)} pairs but the data has {len(pairs)}")
 
     def reference_of(idx: list[int]) -> torch.Tensor:
         """(B, 2) reference log-probs of the pairs ``idx``."""
