@@ -14,11 +14,15 @@ def test_help_explains_every_option():
     assert top.returncode == 0
     for cmd in ("quickstart", "sft", "build", "eval"):
         assert cmd in top.stdout
+    from tether.attributes import AttributeConfig
+    from tether.dpo import DPOConfig
     from tether.embedded import BuildConfig
     from tether.evaluate import EvalConfig
     from tether.quickstart import QuickstartConfig
+    from tether.reward import RewardConfig
 
-    for cmd, cls in [("sft", SFTConfig), ("quickstart", QuickstartConfig), ("build", BuildConfig), ("eval", EvalConfig)]:
+    for cmd, cls in [("sft", SFTConfig), ("quickstart", QuickstartConfig), ("build", BuildConfig), ("eval", EvalConfig),
+                     ("dpo", DPOConfig), ("reward", RewardConfig), ("attributes", AttributeConfig)]:
         r = run_cli(cmd, "--help")
         assert r.returncode == 0
         for name, field in cls.model_fields.items():

@@ -1,8 +1,8 @@
 """``tether quickstart``: the whole pipeline on the embedded arithmetic world, no GPU, no download.
 
-Stages: build (or reuse) the embedded model → SFT → held-out accuracy before and after → a run
-report (markdown + PNG) with each stage's wall time. Later stages (reward model, DPO, GRPO, PPO)
-append themselves here.
+Stages: build (or reuse) the embedded model → SFT → Bradley-Terry reward model → DPO, each scored on
+held-out problems, then a run report (markdown + PNG) with every stage's accuracy and wall time.
+The online RL stages (GRPO, PPO) append themselves here.
 """
 
 from __future__ import annotations
