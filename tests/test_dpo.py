@@ -90,6 +90,26 @@ def test_micro_batches_give_the_same_gradient(tiny_model, tokenizer, micro):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_shared_prompt_rows_score_like_separate_rows(tiny_model, tokenizer):
+    """One row per pair (prompt once, rejected blind to chosen) gives the log-probs and gradients
+    of TRL's two-row layout."""
+    from tether.modeling import load_causal_lm
+
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 1)), tokenizer, 128)
+    out = {}
+    for shared in (True, False):
+        model = load_causal_lm(tiny_model)
+        c, r, nc, nr = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, None, shared_prompt=shared)
+        (c.sum() - 2 * r.sum()).backward()
+        out[shared] = (c.detach(), r.detach(), nc, nr, [p.grad.clone() for p in model.parameters()])
+    (c1, r1, nc1, nr1, g1), (c2, r2, nc2, nr2, g2) = out[True], out[False]
+    torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(nc1, nc2) and torch.equal(nr1, nr2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_dpo_resume_is_bit_identical(tiny_model, tmp_path):
     straight = dpo.train(_cfg(tiny_model, tmp_path, "straight", max_steps=4, eval_data="none"))
     dpo.train(_cfg(tiny_model, tmp_path, "split", max_steps=4, eval_data="none", stop_at_step=2))

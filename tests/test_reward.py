@@ -27,6 +27,21 @@ def test_last_token_pooling_ignores_padding_side_and_pad_id(tiny_model, tokenize
     assert alone.std() > 0  # distinct texts, distinct scores: the check can fail
 
 
+def test_shared_prompt_rows_give_the_same_rewards(tiny_model, tokenizer):
+    from tether.arith import ArithSpec, preference_rows
+    from tether.data import read_rows, tokenize_pairs
+
+    torch.manual_seed(0)
+    model = reward.load_reward_model(tiny_model).eval()
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 2)), tokenizer, 128)
+    with torch.no_grad():
+        a = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=True)
+        b = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=False)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+
+
 def test_reward_model_trains_saves_and_scores(tiny_model, tmp_path):
     cfg = reward.RewardConfig(model=str(tiny_model), output_dir=str(tmp_path / "rm"), max_steps=4, batch_size=8,
                               micro_batch_size=4, arith_pairs=32, eval_pairs=16, progress=False, lr=1e-3)

@@ -431,3 +431,62 @@ def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_row
     if stats.dropped_too_long or stats.skipped_bad:
         log.warning("data: %s", stats.summary())
     return out, stats
+
+
+@dataclass
+class PairBatch:
+    """Preference pairs packed one per row as ``prompt + chosen + rejected``: the shared prompt is
+    computed once. The rejected tokens see the prompt but not the chosen ones, and continue the
+    prompt's positions, so each completion is scored exactly as if it were alone.
+
+    input_ids, position_ids: (B, T). allowed: (B, T, T) bool, query × key attention.
+    chosen_pos, rejected_pos: (n,) flat indices b*T + t of the positions whose next token is a
+    chosen / rejected completion token (the last prompt position appears in both).
+    chosen_tgt, rejected_tgt: (n,) those tokens. chosen_row, rejected_row: (n,) their pair.
+    chosen_last, rejected_last: (B,) flat index of each completion's last token (its EOS).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    chosen_pos: torch.Tensor
+    chosen_tgt: torch.Tensor
+    chosen_row: torch.Tensor
+    rejected_pos: torch.Tensor
+    rejected_tgt: torch.Tensor
+    rejected_row: torch.Tensor
+    chosen_last: torch.Tensor
+    rejected_last: torch.Tensor
+    n_tokens: int
+
+
+def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
+    B = len(pairs)
+    T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    cp, ct, cr, rp, rt, rr, cl, rl = ([] for _ in range(8))
+    for b, p in enumerate(pairs):
+        P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
+        input_ids[b, :P + C + R] = torch.tensor(p.prompt + p.chosen + p.rejected)
+        position_ids[b, :P + C] = torch.arange(P + C)
+        position_ids[b, P + C:P + C + R] = torch.arange(P, P + R)
+        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
+        base = b * T
+        cp += [base + P - 1 + i for i in range(C)]  # position P-1+i predicts chosen[i]
+        rp += [base + P - 1] + [base + P + C + i - 1 for i in range(1, R)]
+        ct += p.chosen
+        rt += p.rejected
+        cr += [b] * C
+        rr += [b] * R
+        cl.append(base + P + C - 1)
+        rl.append(base + P + C + R - 1)
+    idx = torch.arange(T)
+    causal = idx[None, :, None] >= idx[None, None, :]  # (1, T, T) query ≥ key
+    q, k = segment[:, :, None], segment[:, None, :]
+    allowed = causal & (q >= 0) & (k >= 0) & ~((q == 2) & (k == 1))
+    allowed |= torch.eye(T, dtype=torch.bool)[None] & (q < 0)  # padding attends to itself (no empty rows)
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return PairBatch(input_ids, position_ids, allowed, t(cp), t(ct), t(cr), t(rp), t(rt), t(rr), t(cl), t(rl),
+                     int((segment >= 0).sum()))

@@ -16,10 +16,11 @@ from pydantic import Field, field_validator
 
 from . import runs
 from .config import ConfigError
-from .data import PairExample, collate
+from .data import PairExample, collate, collate_pairs
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
-from .modeling import autocast, load_causal_lm, load_tokenizer, resolve_model_path, token_logps
+from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, resolve_model_path,
+                       token_logps)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -52,17 +53,28 @@ class DPOConfig(PairsConfig):
         return [v] if isinstance(v, str) else v
 
 
-def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | None, dtype: str = "fp32"):
-    """Sequence log-probs (chosen (B,), rejected (B,)) and completion lengths, chosen and rejected
-    rows going through the model in one forward."""
+def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | None, dtype: str = "fp32",
+               shared_prompt: bool = True):
+    """Sequence log-probs (chosen (B,), rejected (B,)) and completion lengths (B,), (B,).
+
+    With ``shared_prompt`` each pair is one row ``prompt + chosen + rejected`` whose rejected part
+    cannot see the chosen one (:func:`tether.data.collate_pairs`): the prompt is computed once and
+    nothing is padded twice. Otherwise chosen and rejected are separate rows of one forward (TRL's
+    layout); ``ld_alpha`` always uses that layout, which keeps per-token structure.
+    """
+    n_c = torch.tensor([len(p.chosen) for p in pairs])
+    n_r = torch.tensor([len(p.rejected) for p in pairs])
+    if shared_prompt and ld_alpha is None:
+        with autocast(dtype):
+            c, r = packed_pair_logps(model, collate_pairs(pairs, pad_id))
+        return c, r, n_c, n_r
     chosen, rejected = zip(*(p.rows() for p in pairs))
     batch = collate([*chosen, *rejected], pad_id)  # TRL's layout: B chosen rows, then B rejected
     with autocast(dtype):
         lp, mask = token_logps(model, batch)
     seq = sequence_logps(lp, mask, ld_alpha)
-    n = mask.sum(-1)
     B = len(pairs)
-    return seq[:B], seq[B:], n[:B], n[B:]
+    return seq[:B], seq[B:], n_c, n_r
 
 
 @torch.no_grad()
@@ -92,7 +104,7 @@ def accumulate_gradients(model, batch: list[PairExample], ref: torch.Tensor, cfg
     n_chosen = sum(len(p.chosen) for p in batch)  # the sft term's normaliser, over the whole step
     for j in range(0, len(batch), cfg.micro_batch_size):
         mb = batch[j:j + cfg.micro_batch_size]
-        c, r, nc, nr = pair_logps(model, mb, pad_id, cfg.ld_alpha, cfg.dtype)
+        c, r, nc, nr = pair_logps(model, mb, pad_id, cfg.ld_alpha, cfg.dtype, cfg.shared_prompt)
         loss, metrics = dpo_loss(
             c, r, ref[j:j + len(mb), 0], ref[j:j + len(mb), 1], nc, nr, beta=cfg.beta, loss_types=cfg.loss_type,
             loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence,
@@ -157,7 +169,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         if ref_model is None:
             return torch.zeros(len(idx), 2)
         with torch.no_grad():
-            c, r, _, _ = pair_logps(ref_model, [pairs[i] for i in idx], pad_id, cfg.ld_alpha, cfg.dtype)
+            c, r, _, _ = pair_logps(ref_model, [pairs[i] for i in idx], pad_id, cfg.ld_alpha, cfg.dtype,
+                                    cfg.shared_prompt)
         return torch.stack([c, r], -1)
 
     def step(idx: list[int]) -> dict[str, float]:
@@ -171,7 +184,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
             model.eval()
             margins = []
             for i in range(0, len(eval_pairs), 64):
-                c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad_id, cfg.ld_alpha)
+                c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad_id, cfg.ld_alpha,
+                                        shared_prompt=cfg.shared_prompt)
                 ref = ref_eval[i:i + 64] if ref_eval is not None else torch.zeros(len(c), 2)
                 margins.append((c - ref[:, 0]) - (r - ref[:, 1]))
             model.train()

@@ -83,3 +83,27 @@ def token_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     mask = batch.targets != IGNORE
     full = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
     return full.masked_scatter(mask, lp), mask
+
+
+def packed_pair_hidden(model, batch) -> torch.Tensor:
+    """Backbone hidden states (B·T, H) of a :class:`tether.data.PairBatch`, under its custom
+    attention (a 4D mask transformers passes through unchanged)."""
+    allowed = batch.allowed[:, None]  # (B, 1, T, T)
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add the mask
+        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=allowed,
+                              use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def packed_pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (chosen (B,), rejected (B,)) of a packed pair batch."""
+    h = packed_pair_hidden(model, batch)
+    B = batch.input_ids.shape[0]
+    out = []
+    for pos, tgt, row in ((batch.chosen_pos, batch.chosen_tgt, batch.chosen_row),
+                          (batch.rejected_pos, batch.rejected_tgt, batch.rejected_row)):
+        logits = model.get_output_embeddings()(h[pos]).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, tgt[:, None]).squeeze(-1)
+        out.append(torch.zeros(B, dtype=lp.dtype).index_add(0, row, lp))
+    return out[0], out[1]

@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 
 from . import runs
-from .data import Example, PairExample, collate
+from .data import Example, PairExample, collate, collate_pairs
 from .losses.pairwise import bradley_terry_loss
-from .modeling import autocast, load_tokenizer, resolve_model_path
+from .modeling import autocast, load_tokenizer, packed_pair_hidden, resolve_model_path
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -92,22 +92,30 @@ class RewardScorer:
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (B,), r_rejected (B,)), both completions of every pair in one forward."""
-    chosen, rejected = zip(*(p.rows() for p in pairs))
-    b = collate([*chosen, *rejected], pad_id)
+def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp32",
+                 shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)) in one forward: one row per pair with the prompt computed
+    once (``shared_prompt``, :func:`tether.data.collate_pairs`), or chosen and rejected rows."""
+    B = len(pairs)
     with autocast(dtype):
-        r = last_token_scores(model, b.input_ids, b.attention_mask)[:, 0].float()
-    return r[:len(pairs)], r[len(pairs):]
+        if shared_prompt:
+            b = collate_pairs(pairs, pad_id)
+            h = packed_pair_hidden(model, b)
+            r = _head(model)(h[torch.cat([b.chosen_last, b.rejected_last])])[:, 0].float()
+        else:
+            chosen, rejected = zip(*(p.rows() for p in pairs))
+            b = collate([*chosen, *rejected], pad_id)
+            r = last_token_scores(model, b.input_ids, b.attention_mask)[:, 0].float()
+    return r[:B], r[B:]
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, pairs: list[PairExample], pad_id: int) -> float:
+def pairwise_accuracy(model, pairs: list[PairExample], pad_id: int, shared_prompt: bool = True) -> float:
     was = model.training
     model.eval()
     hits = 0
     for i in range(0, len(pairs), 64):
-        rc, rr = pair_rewards(model, pairs[i:i + 64], pad_id)
+        rc, rr = pair_rewards(model, pairs[i:i + 64], pad_id, shared_prompt=shared_prompt)
         hits += int((rc > rr).sum())
     model.train(was)
     return hits / max(1, len(pairs))
@@ -135,7 +143,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
         totals: dict[str, float] = {}
         for j in range(0, len(idx), cfg.micro_batch_size):
             mb = idx[j:j + cfg.micro_batch_size]
-            rc, rr = pair_rewards(model, [pairs[i] for i in mb], pad_id, cfg.dtype)
+            rc, rr = pair_rewards(model, [pairs[i] for i in mb], pad_id, cfg.dtype, cfg.shared_prompt)
             loss, metrics = bradley_terry_loss(rc, rr, margins[mb] if margins is not None else None, cfg.center_coef)
             share = len(mb) / len(idx)  # the mean over the step's pairs, however it is split
             (loss * share).backward()
@@ -145,7 +153,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
         return totals
 
     def evaluate() -> dict[str, Any]:
-        return {"pairwise_accuracy": pairwise_accuracy(model, eval_pairs, pad_id)}
+        return {"pairwise_accuracy": pairwise_accuracy(model, eval_pairs, pad_id, cfg.shared_prompt)}
 
     result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "reward", step,
                       evaluate if eval_pairs else None, f"{stats.summary()}; model {path}")
