@@ -3,6 +3,7 @@ import torch
 
 from tether import judge, sft
 from tether.arith import ArithSpec
+from tether.evaluate import rank_accuracy
 
 
 def test_judge_rows_label_correct_and_wrong_answers():
@@ -31,9 +32,9 @@ def test_trained_judge_ranks_correct_answers_above_wrong_ones(embedded_model, tm
     from tether.modeling import default_dtype
 
     rows = judge.judge_rows(ArithSpec(), 6000, 0)
-    before = judge.ranking_accuracy(judge.Judge(embedded_model), ArithSpec(), 150)
+    before = rank_accuracy(judge.Judge(embedded_model), ArithSpec(), 150)
     r = sft.train(sft.SFTConfig(model=str(embedded_model), output_dir=str(tmp_path / "judge"), max_steps=80,
                                 batch_size=64, micro_batch_size=64, lr=1e-3, progress=False, report=False,
                                 eval_data="none", dtype=default_dtype()), rows=rows)
-    after = judge.ranking_accuracy(judge.Judge(r.final_dir), ArithSpec(), 150)
+    after = rank_accuracy(judge.Judge(r.final_dir), ArithSpec(), 150)
     assert after >= 0.60 and after >= before + 0.10

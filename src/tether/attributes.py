@@ -21,8 +21,9 @@ from pydantic import Field
 from . import runs
 from .arith import ATTRIBUTES, rating_rows
 from .data import DataError, Example, collate, read_rows
+from .evaluate import rank_accuracy
 from .losses.rating import attribute_mse, weighted_score
-from .modeling import autocast, load_tokenizer, resolve_model_path
+from .modeling import autocast, load_tokenizer, padding_id, resolve_model_path
 from .reward import last_token_scores, load_reward_model
 from .runlog import read_metrics
 
@@ -131,12 +132,8 @@ class GenerativeRater:
 def attribute_scores(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
     """(B, K) head outputs at the EOS of each prompt + completion."""
     rows = [_example(tokenizer, p, c) for p, c in zip(prompts, completions)]
-    batches = (collate(rows[i:i + batch_size], _pad_id(tokenizer)) for i in range(0, len(rows), batch_size))
+    batches = (collate(rows[i:i + batch_size], padding_id(tokenizer)) for i in range(0, len(rows), batch_size))
     return torch.cat([last_token_scores(model, b.input_ids, b.attention_mask) for b in batches])
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def _example(tokenizer, prompt: str, completion: str) -> Example:
@@ -144,19 +141,6 @@ def _example(tokenizer, prompt: str, completion: str) -> Example:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)  # scored at the EOS, like the Bradley-Terry model
     return Example(ids, [0] * len(ids))
-
-
-def rank_accuracy(score_fn, cfg: AttributeConfig, n: int = 200) -> float:
-    """Share of held-out problems whose correct answer gets a higher scalar than a corruption."""
-    import random
-
-    from .arith import corrupt, sample_problems
-
-    rng = random.Random("attr-rank")
-    probs = sample_problems(cfg.arith, n, cfg.seed + 3, "held_out")
-    good = score_fn([p.prompt for p in probs], [p.completion for p in probs])
-    bad = score_fn([p.prompt for p in probs], [corrupt(p, rng)[0] for p in probs])
-    return float((good > bad).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +164,9 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
     path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path, num_labels=len(cfg.attributes))
-    model.config.pad_token_id = _pad_id(tokenizer)
+    model.config.pad_token_id = padding_id(tokenizer)
     model.train()
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     examples = [_example(tokenizer, r["prompt"], r["completion"]) for r in train_rows]
     targets = torch.tensor([[float(r["ratings"][a]) for a in cfg.attributes] for r in train_rows])
     held = load_rated_rows(cfg, split="held_out") if cfg.arith_eval(rows) else []
@@ -207,7 +191,8 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
         model.eval()
         pred = attribute_scores(model, tokenizer, [r["prompt"] for r in held], [r["completion"] for r in held])
         tgt = torch.tensor([[float(r["ratings"][a]) for a in cfg.attributes] for r in held])
-        acc = rank_accuracy(lambda p, c: weighted_score(attribute_scores(model, tokenizer, p, c), weights), cfg)
+        acc = rank_accuracy(lambda p, c: weighted_score(attribute_scores(model, tokenizer, p, c), weights),
+                            cfg.arith, seed=cfg.seed)
         model.train()
         return {"mse": float(((pred - tgt) ** 2).mean()), "rank_accuracy": acc}
 

@@ -19,7 +19,7 @@ from .config import ConfigError
 from .data import PairExample, collate, collate_pairs
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
-from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, resolve_model_path,
+from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id, resolve_model_path,
                        token_logps)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
@@ -128,7 +128,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     tokenizer = load_tokenizer(ckpt or start_path)
     model = load_causal_lm(ckpt or start_path)
     model.train()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = padding_id(tokenizer)
 
     pairs, stats = load_pairs(cfg, tokenizer, rows)
     arith_eval = cfg.arith_eval(rows)
@@ -153,9 +153,9 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         else:
             scorer = load_causal_lm(resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path).eval()
             scorer.requires_grad_(False)
-        ref_eval = reference_logps(scorer, eval_pairs, pad_id, cfg.ld_alpha, cfg.dtype)
+        ref_eval = reference_logps(scorer, eval_pairs, pad, cfg.ld_alpha, cfg.dtype)
         if cfg.reference == "precompute":
-            ref_train = reference_logps(scorer, pairs, pad_id, cfg.ld_alpha, cfg.dtype)
+            ref_train = reference_logps(scorer, pairs, pad, cfg.ld_alpha, cfg.dtype)
             torch.save({"train": ref_train, "eval": ref_eval}, cache)
         else:
             ref_model = scorer
@@ -169,12 +169,12 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         if ref_model is None:
             return torch.zeros(len(idx), 2)
         with torch.no_grad():
-            c, r, _, _ = pair_logps(ref_model, [pairs[i] for i in idx], pad_id, cfg.ld_alpha, cfg.dtype,
+            c, r, _, _ = pair_logps(ref_model, [pairs[i] for i in idx], pad, cfg.ld_alpha, cfg.dtype,
                                     cfg.shared_prompt)
         return torch.stack([c, r], -1)
 
     def step(idx: list[int]) -> dict[str, float]:
-        totals, n_tok = accumulate_gradients(model, [pairs[i] for i in idx], reference_of(idx), cfg, pad_id)
+        totals, n_tok = accumulate_gradients(model, [pairs[i] for i in idx], reference_of(idx), cfg, pad)
         return {**totals, "tokens": n_tok}
 
     @torch.no_grad()
@@ -184,7 +184,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
             model.eval()
             margins = []
             for i in range(0, len(eval_pairs), 64):
-                c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad_id, cfg.ld_alpha,
+                c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad, cfg.ld_alpha,
                                         shared_prompt=cfg.shared_prompt)
                 ref = ref_eval[i:i + 64] if ref_eval is not None else torch.zeros(len(c), 2)
                 margins.append((c - ref[:, 0]) - (r - ref[:, 1]))

@@ -12,6 +12,7 @@ from pydantic import Field
 from .arith import ArithSpec, eval_rows, exact_match
 from .config import Config
 from .data import DataError, read_rows
+from .modeling import padding_id
 
 
 class EvalConfig(Config):
@@ -43,7 +44,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -68,6 +69,21 @@ def _pad_left(tokenizer, prompts: list[str], pad: int) -> dict[str, torch.Tensor
         input_ids[i, T - len(x):] = torch.tensor(x)
         mask[i, T - len(x):] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def rank_accuracy(score_fn, spec: ArithSpec, n: int = 200, seed: int = 0) -> float:
+    """Share of held-out problems where ``score_fn(prompts, completions)`` (any scalar scorer: a
+    reward model, a judge, weighted attributes) puts the correct answer above a corruption of it."""
+    import random
+
+    from .arith import corrupt, sample_problems
+
+    rng = random.Random(f"arith-rank-{seed}")
+    problems = sample_problems(spec, n, seed + 15485863, "held_out")
+    prompts = [p.prompt for p in problems]
+    good = score_fn(prompts, [p.completion for p in problems])
+    bad = score_fn(prompts, [corrupt(p, rng)[0] for p in problems])
+    return float((good > bad).float().mean())
 
 
 def accuracy(model, tokenizer, rows: list[dict[str, str]], max_new_tokens: int = 16) -> dict[str, Any]:

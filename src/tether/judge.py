@@ -17,7 +17,7 @@ import torch
 
 from .arith import ArithSpec, corrupt, sample_problems
 from .data import Example, collate
-from .modeling import load_causal_lm, load_tokenizer
+from .modeling import load_causal_lm, load_tokenizer, padding_id
 
 DEFAULT_INSTRUCTION = "Is the answer correct?"
 TEMPLATE = "{prompt}{completion}\nInstruction: {instruction}\nVerdict:"
@@ -61,7 +61,7 @@ class Judge:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = padding_id(tok)
         rows = []
         for p, c in zip(prompts, completions):
             ids = tok(judge_prompt(p, c, self.instruction), add_special_tokens=False)["input_ids"]
@@ -77,13 +77,3 @@ class Judge:
             yes, no = logp[:, self.yes_id], logp[:, self.no_id]
             out.append(yes - no if self.mode == "logratio" else yes.exp())
         return torch.cat(out) if out else torch.zeros(0)
-
-
-def ranking_accuracy(judge: Judge, spec: ArithSpec, n: int = 200, seed: int = 0) -> float:
-    """Share of held-out problems where the judge scores the correct answer above a wrong one."""
-    rng = random.Random(f"arith-judge-eval-{seed}")
-    problems = sample_problems(spec, n, seed + 15485863, "held_out")
-    prompts = [p.prompt for p in problems]
-    good = judge(prompts, [p.completion for p in problems])
-    bad = judge(prompts, [corrupt(p, rng)[0] for p in problems])
-    return float((good > bad).float().mean())

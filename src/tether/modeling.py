@@ -28,6 +28,11 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def padding_id(tokenizer) -> int:
+    """The id used to fill padding: the pad token, else EOS (masks never depend on it)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

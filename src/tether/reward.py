@@ -19,7 +19,7 @@ from pydantic import Field
 from . import runs
 from .data import Example, PairExample, collate, collate_pairs
 from .losses.pairwise import bradley_terry_loss
-from .modeling import autocast, load_tokenizer, packed_pair_hidden, resolve_model_path
+from .modeling import autocast, load_tokenizer, packed_pair_hidden, padding_id, resolve_model_path
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -75,7 +75,7 @@ class RewardScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+        pad = padding_id(tok)
         rows = []
         for p, c in zip(prompts, completions):
             ids = tok(p, add_special_tokens=False)["input_ids"] + tok(c, add_special_tokens=False)["input_ids"]
@@ -129,9 +129,8 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path)  # the head is initialised after setup_torch's seed: reproducible
-    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.config.pad_token_id = pad = padding_id(tokenizer)
     model.train()
-    pad_id = model.config.pad_token_id or 0
 
     pairs, stats = load_pairs(cfg, tokenizer, rows)
     margins = _margins(cfg, rows)
@@ -143,7 +142,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
         totals: dict[str, float] = {}
         for j in range(0, len(idx), cfg.micro_batch_size):
             mb = idx[j:j + cfg.micro_batch_size]
-            rc, rr = pair_rewards(model, [pairs[i] for i in mb], pad_id, cfg.dtype, cfg.shared_prompt)
+            rc, rr = pair_rewards(model, [pairs[i] for i in mb], pad, cfg.dtype, cfg.shared_prompt)
             loss, metrics = bradley_terry_loss(rc, rr, margins[mb] if margins is not None else None, cfg.center_coef)
             share = len(mb) / len(idx)  # the mean over the step's pairs, however it is split
             (loss * share).backward()
@@ -153,7 +152,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
         return totals
 
     def evaluate() -> dict[str, Any]:
-        return {"pairwise_accuracy": pairwise_accuracy(model, eval_pairs, pad_id, cfg.shared_prompt)}
+        return {"pairwise_accuracy": pairwise_accuracy(model, eval_pairs, pad, cfg.shared_prompt)}
 
     result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "reward", step,
                       evaluate if eval_pairs else None, f"{stats.summary()}; model {path}")

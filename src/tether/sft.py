@@ -18,7 +18,7 @@ from .arith import sft_rows
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import autocast, load_causal_lm, load_tokenizer, resolve_model_path, target_logits
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,14 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.train()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = padding_id(tokenizer)
     items, stats = load_examples(cfg, tokenizer, rows)
 
     eval_source = "arith" if cfg.arith_eval(rows) else ("none" if cfg.eval_data == "auto" else cfg.eval_data)
     eval_rows = [] if eval_source == "none" else load_eval_rows(eval_source, cfg.eval_samples, cfg.arith)
 
     def step(idx: list[int]) -> dict[str, float]:
-        micro = [collate([items[i] for i in idx[j:j + cfg.micro_batch_size]], pad_id)
+        micro = [collate([items[i] for i in idx[j:j + cfg.micro_batch_size]], pad)
                  for j in range(0, len(idx), cfg.micro_batch_size)]
         loss, n_targets = accumulate_gradients(model, micro, cfg.dtype)
         return {"loss": loss, "tokens": sum(b.n_tokens for b in micro), "target_tokens": n_targets}
