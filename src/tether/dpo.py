@@ -153,7 +153,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         else:
             scorer = load_causal_lm(resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path).eval()
             scorer.requires_grad_(False)
-        ref_eval = reference_logps(scorer, eval_pairs, pad, cfg.ld_alpha, cfg.dtype)
+        ref_eval = reference_logps(scorer, eval_pairs, pad, cfg.ld_alpha)  # fp32, like the evaluation
         if cfg.reference == "precompute":
             ref_train = reference_logps(scorer, pairs, pad, cfg.ld_alpha, cfg.dtype)
             torch.save({"train": ref_train, "eval": ref_eval}, cache)
