@@ -145,11 +145,10 @@ def tokenize_sft(rows: Iterable[Row], tokenizer, max_length: int, overlong: Lite
                 stats.dropped_too_long += 1
                 continue
             ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
-            stats.truncated += 1
-            if not any(ex.loss_mask):
+            if not any(ex.loss_mask):  # the cut left nothing to train on
                 stats.dropped_too_long += 1
-                stats.truncated -= 1
                 continue
+            stats.truncated += 1
         examples.append(ex)
     stats.rows = len(examples)
     if stats.dropped_too_long or stats.truncated or stats.skipped_bad:
