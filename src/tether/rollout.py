@@ -1,0 +1,247 @@
+"""The rollout engine: prompts and sampling settings in; completion ids, masks and the sampling
+log-probs of every token out (seed §5's rollout phase).
+
+:class:`RolloutEngine` is the whole interface a trainer sees. :class:`TorchEngine` is the CPU (and
+single-GPU) implementation on the training model itself, with a KV cache, one batched forward per
+new token, logits only for the last position, and an early exit once every row has stopped. A vLLM
+engine (:mod:`tether.vllm_engine`) implements the same three methods; Ray workers can wrap either.
+
+The log-probs are those of the distribution the token was drawn from before top-k/top-p truncation:
+log softmax(logits / temperature). That is what the trainer recomputes for the importance ratio
+(TRL's GRPO does the same), so on-policy the ratio is exactly 1 up to float noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .modeling import autocast
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are drawn. ``temperature`` 0 is greedy (log-probs then at temperature 1)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    n: int = 1  # completions per prompt, consecutive in the output
+    stop: tuple[str, ...] = ()  # stop strings (the completion keeps them, as vLLM's include_stop_str)
+
+
+@dataclass
+class Rollout:
+    """N = len(prompts) · n completions, right-padded to the longest.
+
+    ``mask`` is 1 up to and including the token that stopped the row (EOS or the end of a stop
+    string). ``truncated`` rows hit ``max_new_tokens`` without stopping.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: torch.Tensor  # (N, L) long, pad after the end
+    mask: torch.Tensor  # (N, L) long
+    logprobs: torch.Tensor  # (N, L) float32, 0 off the mask
+    texts: list[str]
+    truncated: torch.Tensor  # (N,) bool
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights (after each policy update)."""
+
+    def state_dict(self) -> dict: ...  # sampling RNG, for exact resume
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, and outside the smallest set whose probability
+    reaches top_p (the most likely token always stays)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits) by inverting the CDF with one uniform per row.
+
+    ``torch.multinomial`` draws an exponential per vocabulary entry (B·V random numbers, a fifth of a
+    small model's decode step on CPU); this draws B."""
+    cdf = logits.softmax(-1).cumsum(-1)
+    # u in [0, total): the first index with cdf > u never lands on a zero-probability token
+    u = torch.rand(logits.shape[0], 1, generator=generator).to(logits.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1)[:, 0]
+
+
+class TorchEngine:
+    """Batched sampling with a KV cache on the policy module itself (no weight copy on CPU)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, dtype: str = "fp32", seed: int = 0):
+        self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # same process, same tensors: nothing to copy
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
+        if not prompts:
+            raise ValueError("no prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: a completion needs at least one token to condition on")
+        model, was_training = self.model, self.model.training
+        model.eval()
+        K, n, L = len(prompts), params.n, params.max_new_tokens
+        N, P = K * n, max(map(len, prompts))
+        device = next(model.parameters()).device
+        # left padding: every row's next token is at column P, so one step feeds one column
+        ids = torch.full((K, P), self.pad, dtype=torch.long)
+        attn = torch.zeros(K, P + L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            attn[i, P - len(p):] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn[:, :P].cumsum(-1) - 1).clamp(min=0)
+
+        # the prompt is computed once, then its KV cache is repeated for its n completions
+        cache = _kv_cache(model, P + L)
+        with autocast(self.dtype):
+            logits = model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits, attn, pos = (x.repeat_interleave(n, dim=0) for x in (logits, attn, pos))
+        attn[:, P:] = 1  # generated columns; rows that stopped leave the batch instead of being masked
+
+        out_ids = torch.full((N, L), self.pad, dtype=torch.long, device=device)
+        out_lp = torch.zeros(N, L, device=device)
+        length = torch.zeros(N, dtype=torch.long, device=device)
+        stopped = torch.zeros(N, dtype=torch.bool, device=device)
+        live = torch.arange(N, device=device)  # rows still generating, in the order of the cache
+        step_pos = pos[:, -1:]
+        stop_checker = _StopStrings(self.tokenizer, params.stop, N) if params.stop else None
+        temp = params.temperature if params.temperature > 0 else 1.0
+        t = 0
+        for t in range(L):
+            logp = torch.log_softmax(logits / temp, dim=-1)
+            if params.temperature <= 0:
+                tok = logp.argmax(-1)
+            else:
+                tok = sample(filter_logits(logp, params.top_k, params.top_p), self.generator)
+            out_ids[live, t] = tok
+            out_lp[live, t] = logp.gather(-1, tok[:, None])[:, 0]
+            length[live] += 1
+            end = tok == self.eos if self.eos is not None else torch.zeros_like(tok, dtype=torch.bool)
+            if stop_checker is not None:
+                end |= stop_checker.update(live, tok)
+            if t == L - 1 or bool(end.all()):
+                stopped[live] = end
+                break
+            if bool(end.any()):  # drop finished rows from the batch and the cache
+                stopped[live[end]] = True
+                keep = (~end).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                live, tok, attn, step_pos = live[keep], tok[keep], attn[keep], step_pos[keep]
+            step_pos = step_pos + 1
+            with autocast(self.dtype):
+                logits = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=step_pos,
+                               past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        model.train(was_training)
+
+        width = max(1, int(length.max()))
+        length = length.cpu()
+        mask = (torch.arange(width)[None] < length[:, None]).long()
+        out_ids = out_ids[:, :width].cpu().masked_fill(mask == 0, self.pad)
+        out_lp = out_lp[:, :width].cpu() * mask
+        texts = self.tokenizer.batch_decode([r[:k] for r, k in zip(out_ids.tolist(), length.tolist())],
+                                            skip_special_tokens=True)
+        rows = [p for p in prompts for _ in range(n)]
+        return Rollout(rows, out_ids, mask, out_lp, texts, ~stopped.cpu(),
+                       {"gen_tokens": float(length.sum()), "gen_steps": float(t + 1)})
+
+
+def _kv_cache(model, capacity: int):
+    """A KV cache whose layers write into buffers allocated once for ``capacity`` positions.
+
+    transformers' DynamicCache concatenates every layer's keys and values at every step (a copy of
+    the whole cache per token: a fifth of a small model's decode time on CPU); these layers return
+    growing views of one buffer instead."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            B, H, _, D = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.kbuf = key_states.new_empty(B, H, capacity, D)
+            self.vbuf = value_states.new_empty(B, value_states.shape[1], capacity, value_states.shape[-1])
+            self.n = 0
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            self.kbuf[:, :, self.n:self.n + n] = key_states
+            self.vbuf[:, :, self.n:self.n + n] = value_states
+            self.n += n
+            self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._set(self.kbuf.repeat_interleave(repeats, dim=0), self.vbuf.repeat_interleave(repeats, dim=0))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._set(self.kbuf[indices], self.vbuf[indices])
+
+        def _set(self, kbuf: torch.Tensor, vbuf: torch.Tensor) -> None:
+            self.kbuf, self.vbuf = kbuf, vbuf
+            self.keys, self.values = kbuf[:, :, :self.n], vbuf[:, :, :self.n]
+
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if layers is None or getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", False):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)  # architectures this fast path does not cover
+    return Cache(layers=[BufferLayer() for _ in range(layers)])
+
+
+class _StopStrings:
+    """Marks rows whose decoded completion ends a stop string (checked on the decoded tail)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], n: int):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.tail = max(map(len, stop)) + 8  # characters: enough for a stop string split over tokens
+
+    def update(self, rows: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """``tok[j]`` was just generated by row ``rows[j]``; True where a stop string is complete."""
+        hit = torch.zeros(len(rows), dtype=torch.bool, device=tok.device)
+        for j, (i, t) in enumerate(zip(rows.tolist(), tok.tolist())):
+            self.tokens[i].append(t)
+            text = self.tokenizer.decode(self.tokens[i][-self.tail:], skip_special_tokens=True)
+            hit[j] = any(s in text for s in self.stop)
+        return hit

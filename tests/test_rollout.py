@@ -1,0 +1,109 @@
+"""The rollout engine: its log-probs are the trainer's, greedy is greedy, stops stop."""
+
+import pytest
+import torch
+
+from tether.modeling import load_causal_lm
+from tether.rollout import SamplingParams, TorchEngine, filter_logits, sample
+
+
+@pytest.fixture(scope="module")
+def lm(embedded_model):
+    torch.manual_seed(0)
+    return load_causal_lm(embedded_model).eval()
+
+
+@pytest.fixture(scope="module")
+def etok(embedded_model):
+    from tether.modeling import load_tokenizer
+
+    return load_tokenizer(embedded_model)
+
+
+def prompts(tok, k=4):
+    texts = ["Question: What is 3 + 4?\nAnswer:", "Question: What is 12 * 11?\nAnswer:",
+             "Question: What is 49 - 17?\nAnswer:", "The cat"][:k]
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def full_forward_logps(model, prompt_ids, completion, temperature=1.0):
+    ids = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_a_full_forward(lm, etok, temperature):
+    engine = TorchEngine(lm, etok, seed=3)
+    r = engine.generate(prompts(etok), SamplingParams(max_new_tokens=12, temperature=temperature, n=3))
+    assert r.completion_ids.shape[0] == 12 and len(r.texts) == 12
+    for i in range(12):
+        k = int(r.mask[i].sum())
+        assert k >= 1
+        comp = r.completion_ids[i, :k].tolist()
+        want = full_forward_logps(lm, r.prompt_ids[i], comp, temperature)
+        torch.testing.assert_close(r.logprobs[i, :k], want, atol=2e-5, rtol=1e-5)
+        assert (r.logprobs[i, k:] == 0).all() and (r.completion_ids[i, k:] == etok.pad_token_id).all()
+        if not r.truncated[i]:
+            assert comp[-1] == etok.eos_token_id  # stopped rows end with EOS, inside the mask
+        else:
+            assert k == 12
+
+
+def test_temperature_to_zero_is_greedy(lm, etok):
+    ps = prompts(etok)
+    greedy = TorchEngine(lm, etok).generate(ps, SamplingParams(max_new_tokens=10, temperature=0))
+    cold = TorchEngine(lm, etok, seed=7).generate(ps, SamplingParams(max_new_tokens=10, temperature=1e-4))
+    assert torch.equal(greedy.completion_ids, cold.completion_ids)
+    for i, p in enumerate(ps):  # and greedy is transformers' greedy
+        hf = lm.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10, pad_token_id=etok.pad_token_id)
+        k = int(greedy.mask[i].sum())
+        assert hf[0, len(p):len(p) + k].tolist() == greedy.completion_ids[i, :k].tolist()
+
+
+def test_same_seed_same_samples_and_resume_of_the_rng(lm, etok):
+    ps, sp = prompts(etok), SamplingParams(max_new_tokens=8, n=2)
+    a = TorchEngine(lm, etok, seed=1)
+    state = a.state_dict()
+    first = a.generate(ps, sp)
+    b = TorchEngine(lm, etok, seed=999)
+    b.load_state_dict(state)
+    assert torch.equal(b.generate(ps, sp).completion_ids, first.completion_ids)
+    assert not torch.equal(a.generate(ps, sp).completion_ids, first.completion_ids)  # the stream moves on
+
+
+def test_stop_strings_end_the_completion(lm, etok):
+    stop = ("=", " is")
+    free = TorchEngine(lm, etok).generate(prompts(etok, 3), SamplingParams(max_new_tokens=12, temperature=0))
+    r = TorchEngine(lm, etok).generate(prompts(etok, 3), SamplingParams(max_new_tokens=12, temperature=0, stop=stop))
+    hits = 0
+    for text, unstopped in zip(r.texts, free.texts):
+        if any(s in unstopped for s in stop):  # it stops at the first one, which it keeps
+            first = min(unstopped.find(s) + len(s) for s in stop if s in unstopped)
+            assert text == unstopped[:first], (text, unstopped)
+            hits += 1
+        else:
+            assert text == unstopped
+    assert hits >= 2
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    # sampling follows the distribution and never picks a filtered token
+    g = torch.Generator().manual_seed(0)
+    draws = sample(filter_logits(logits.expand(20000, 4), top_k=3), g)
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
+
+
+def test_bad_prompts_are_refused(lm, etok):
+    engine = TorchEngine(lm, etok)
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.generate([], SamplingParams())
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]], SamplingParams())
