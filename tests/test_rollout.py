@@ -107,3 +107,21 @@ def test_bad_prompts_are_refused(lm, etok):
         engine.generate([], SamplingParams())
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([[]], SamplingParams())
+
+
+def test_shared_prompt_logps_and_gradients_equal_separate_rows(lm, etok):
+    from tether.online import completion_logps
+
+    r = TorchEngine(lm, etok, seed=5).generate(prompts(etok, 3), SamplingParams(max_new_tokens=10, n=3))
+    out = {}
+    for share in (False, True):
+        lm.zero_grad()
+        lp, ent = completion_logps(lm, r.prompt_ids, r.completion_ids, r.mask, 0.9, pad=etok.pad_token_id,
+                                   share_prompts=share)
+        (lp.sum() * 0.1).backward()
+        out[share] = (lp.detach(), ent, lm.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][2], out[False][2], atol=1e-5, rtol=1e-4)
+    assert out[True][2].abs().sum() > 0
+    lm.zero_grad()

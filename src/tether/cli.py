@@ -85,6 +85,26 @@ def _cmd_attributes(cfg) -> int:
     return 0
 
 
+def _online(module: str) -> Callable[[Any], int]:
+    """The handler of an online RL command (grpo, ppo, reinforce): train, then say what changed."""
+
+    def handler(cfg) -> int:
+        import importlib
+
+        r = importlib.import_module(f".{module}", __package__).train(cfg)
+        if r.stopped_early:
+            print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}")
+            return 0
+        if r.eval_before is not None and r.eval_after is not None:
+            print(f"held-out accuracy: {r.eval_before['accuracy']:.1%} -> {r.eval_after['accuracy']:.1%}")
+        print(f"model:  {r.final_dir}")
+        if cfg.report:
+            print(f"report: {r.run_dir / 'report.md'}")
+        return 0
+
+    return handler
+
+
 def _cmd_quickstart(cfg) -> int:
     from .quickstart import run
 
@@ -116,7 +136,10 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
     from .dpo import DPOConfig
     from .embedded import BuildConfig
     from .evaluate import EvalConfig
+    from .grpo import GRPOConfig
+    from .ppo import PPOConfig
     from .quickstart import QuickstartConfig
+    from .reinforce import ReinforceConfig
     from .reward import RewardConfig
     from .sft import SFTConfig
 
@@ -128,6 +151,10 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
         "attributes": (AttributeConfig, _cmd_attributes,
                        "a multi-attribute reward model: regression heads, or generated 'name: score' ratings"),
         "dpo": (DPOConfig, _cmd_dpo, "direct preference optimisation (15 loss types) from preference pairs"),
+        "grpo": (GRPOConfig, _online("grpo"),
+                 "GRPO (and dr_grpo, dapo, bnpo, GSPO…): group-relative advantages, clipped updates, no critic"),
+        "ppo": (PPOConfig, _online("ppo"), "PPO with a critic (separate value model or value head), GAE, KL penalty"),
+        "reinforce": (ReinforceConfig, _online("reinforce"), "REINFORCE with a mean or leave-one-out (RLOO) baseline"),
         "build": (BuildConfig, _cmd_build, "build (or find in the cache) the embedded arithmetic model; prints its path"),
         "eval": (EvalConfig, _cmd_eval, "greedy exact-match accuracy of a model on held-out prompts"),
     }

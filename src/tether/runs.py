@@ -26,7 +26,7 @@ from .runlog import RunLogger, truncate_metrics
 log = logging.getLogger(__name__)
 
 
-class TrainConfig(Config):
+class RunConfig(Config):
     """Fields every trainer has. Algorithm configs add theirs; the result stays one flat mapping."""
 
     model: str = Field("embedded", description="local transformers checkpoint folder, or 'embedded' (the built-in arithmetic model)")
@@ -35,8 +35,6 @@ class TrainConfig(Config):
     resume: bool = Field(False, description="continue from the newest complete checkpoint in output_dir")
     seed: int = Field(0, description="seed of data order, initialisation and sampling")
     max_steps: int = Field(200, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="examples per optimizer step")
-    micro_batch_size: int = Field(32, ge=1, description="examples per forward/backward; batch_size/micro_batch_size = gradient accumulation steps")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only; biases and norms never decay)")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay")
@@ -53,6 +51,13 @@ class TrainConfig(Config):
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs tether[tensorboard])")
     report: bool = Field(True, description="write report.md and report.png into output_dir at the end")
+
+
+class TrainConfig(RunConfig):
+    """A trainer that draws fixed-size batches of examples."""
+
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step")
+    micro_batch_size: int = Field(32, ge=1, description="examples per forward/backward; batch_size/micro_batch_size = gradient accumulation steps")
 
     @model_validator(mode="after")
     def _check_batches(self):
@@ -80,7 +85,7 @@ class OfflineConfig(TrainConfig):
         return self.eval_data == "arith" or (self.eval_data == "auto" and self.data == "arith" and rows is None)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder; refuse to mix a new run into an old one unless told how."""
     out = Path(cfg.output_dir)
     if cfg.overwrite and out.exists() and not cfg.resume:
@@ -92,7 +97,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norms (1-D parameters), the usual LM practice."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -100,7 +105,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: RunConfig) -> float:
     """Multiplier of ``lr`` at 0-based ``step``: linear warmup, then cosine to ``min_lr_ratio`` or constant."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -110,7 +115,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
@@ -124,13 +129,13 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     return float(norm)
 
 
-def setup_torch(cfg: TrainConfig) -> None:
+def setup_torch(cfg: RunConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
 
-def resume_point(cfg: TrainConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+def resume_point(cfg: RunConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint and state to resume from, or (None, None) for a fresh start."""
     if not cfg.resume:
         return None, None
@@ -146,7 +151,7 @@ def resume_point(cfg: TrainConfig, run_dir: Path) -> tuple[Path | None, dict[str
     return ckpt, state
 
 
-def _check_same_run(cfg: TrainConfig, state: dict[str, Any], ckpt: Path) -> None:
+def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     """Refuse to resume with settings that would make the continuation differ from the run."""
     then = json.loads(state["config"])
     now = cfg.model_dump(mode="json")
@@ -158,7 +163,7 @@ def _check_same_run(cfg: TrainConfig, state: dict[str, Any], ckpt: Path) -> None
         raise ConfigError(f"cannot resume from {ckpt}: settings changed since the run started ({diffs})")
 
 
-def train_state(cfg: TrainConfig, step: int, optimizer, scheduler, extra: dict[str, Any]) -> dict[str, Any]:
+def train_state(cfg: RunConfig, step: int, optimizer, scheduler, extra: dict[str, Any]) -> dict[str, Any]:
     return {"step": step, "config": json.dumps(cfg.model_dump(mode="json")), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": capture_rng(), **extra}
 
@@ -169,7 +174,7 @@ def restore_train_state(state: dict[str, Any], optimizer, scheduler) -> None:
     restore_rng(state["rng"])
 
 
-def save(cfg: TrainConfig, run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict[str, Any]) -> Path:
+def save(cfg: RunConfig, run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict[str, Any]) -> Path:
     state = train_state(cfg, step, optimizer, scheduler, extra)
     return save_checkpoint(run_dir, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
 

@@ -1,0 +1,73 @@
+"""Group Relative Policy Optimization (seed §7; Shao et al. 2024) and its variants.
+
+For each prompt, sample a group of completions, score them, and use the group-normalised reward as
+every token's advantage, A(y_i) = (r_i - mean_group r) / (std_group r + ε), in PPO's clipped
+surrogate (seed §6) without a critic. Variants (:mod:`tether.losses.policy`): ``loss_type`` grpo /
+dr_grpo / dapo / bnpo (and cispo, sapo, vespo, luspo), ``scale_rewards`` group / batch / none,
+asymmetric clipping (``epsilon_high``), GSPO's sequence-level ratio (``importance_level=sequence``),
+the KL to the reference as a loss term (β > 0) or no reference at all (β = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from . import runs
+from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages, policy_loss
+from .online import OnlineConfig, Session
+
+
+class GRPOConfig(OnlineConfig):
+    """GRPO on sampled groups. Defaults: the arithmetic world's exact-match reward."""
+
+    output_dir: str = Field("runs/grpo", description="run folder")
+    loss_type: str = Field("dapo", description=f"per-token objective and aggregation: {', '.join(LOSS_TYPES)}")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide centred rewards by the group's std, the batch's, or not at all (Dr. GRPO)")
+    epsilon: float = Field(0.2, gt=0, description="clip range below 1 (and above, unless epsilon_high is set)")
+    epsilon_high: float | None = Field(None, gt=0, description="clip range above 1 (DAPO's clip-higher: 0.28)")
+    delta: float | None = Field(None, gt=1, description="two-sided clipping: cap the unclipped ratio at delta")
+    importance_level: Literal["token", "sequence"] = Field("token", description="token ratios, or GSPO's sequence-level ratio")
+    kl_importance_correction: bool = Field(True, description="weight the KL term by the importance ratio (TRL's use_bias_correction_kl)")
+    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model, TRL's default)")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+
+    def loss_config(self) -> PolicyLossConfig:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; known: {', '.join(LOSS_TYPES)}")
+        return PolicyLossConfig(loss_type=self.loss_type, epsilon_low=self.epsilon,
+                                epsilon_high=self.epsilon_high or self.epsilon, delta=self.delta,
+                                importance_level=self.importance_level,
+                                beta=self.beta if self.kl_penalty == "loss" else 0.0,
+                                kl_estimator=self.kl_estimator, kl_importance_correction=self.kl_importance_correction,
+                                max_completion_length=self.max_new_tokens)
+
+
+def train(cfg: GRPOConfig) -> runs.FitResult:
+    s = Session(cfg, "grpo")
+    loss_cfg = cfg.loss_config()
+    s.begin()
+    for step in s.steps():
+        idx, roll = s.rollout()                                               # 1. sample groups
+        rewards, reward_metrics = s.score(idx, roll)                          # 2. score them
+        exp = s.experience(roll, rewards)
+        if cfg.beta and cfg.kl_penalty == "reward":                           # KL as a reward penalty
+            rewards = rewards + s.kl_reward(exp).sum(-1)
+        adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # 3. group-relative A
+
+        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
+            logps, entropy = s.logps(s.policy, roll, rows)
+            ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
+            loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
+                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok)
+            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum()}
+
+        metrics = s.update(exp, loss_fn)                                      # 4. clipped updates
+        tokens = max(metrics.pop("tokens"), 1.0)
+        for k in ("kl_sum", "clip_low", "clip_high", "entropy_sum"):
+            if k in metrics:
+                metrics[k.removesuffix("_sum")] = metrics.pop(k) / tokens     # token means
+        s.end_step(step, exp, {**reward_metrics, **metrics, "advantage_abs": float(adv.abs().mean())})
+    return s.finish()

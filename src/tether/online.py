@@ -1,0 +1,407 @@
+"""What REINFORCE, PPO and GRPO share: the pipeline of seed §5, stage by stage.
+
+    1. rollout      prompts → the engine samples n completions each, with their log-probs
+    2. score        the reward set scores the texts (invalid scores by its documented policy)
+    3. advantages   algorithm-specific (the caller's loop)
+    4. update       epochs × shuffled mini-batches of the stored rollout, importance-weighted
+                    against the sampling policy; then π_old ← π_θ (the engine samples from π_θ)
+
+:class:`Session` owns the models, the engine, the optimizer, the logger and checkpoints, so that each
+algorithm's own module is one loop that reads like the list above. Each stage is a method with plain
+tensors in and out: a distributed engine or reward worker replaces one method, not the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from . import runs
+from .arith import ArithSpec, problem_space
+from .data import DataError, EpochSampler, read_rows
+from .evaluate import load_eval_rows
+from .losses.policy import kl_estimate
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
+from .rewards import make_rewards
+from .rollout import Rollout, SamplingParams, TorchEngine
+from .runlog import RunLogger, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+class OnlineConfig(runs.RunConfig):
+    """Fields of every online RL trainer. One step = one rollout batch and its updates."""
+
+    data: str = Field("arith", description="'arith' (the arithmetic world's training problems) or a file/folder of rows with 'prompt' (other fields reach the reward as metadata)")
+    arith: ArithSpec = Field(default_factory=ArithSpec, description="difficulty of the arithmetic world")
+    max_steps: int = Field(100, ge=1, description="rollout steps (each: sample, score, then epochs × mini_batches optimizer updates)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts sampled per step")
+    num_generations: int = Field(8, ge=1, description="completions per prompt (the group of GRPO / RLOO)")
+    max_new_tokens: int = Field(16, ge=1, description="longest completion")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (the trainer's log-probs use the same)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    top_k: int = Field(0, ge=0, description="top-k sampling (0: off)")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO epochs, GRPO num_iterations)")
+    mini_batches: int = Field(1, ge=1, description="optimizer updates per epoch; the rollout batch is shuffled and split")
+    micro_batch_size: int = Field(64, ge=1, description="completions per forward/backward (gradient accumulation does not change the loss)")
+    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model is loaded)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token estimator of KL(π_θ||π_ref)")
+    kl_penalty: Literal["loss", "reward"] = Field("loss", description="KL as a loss term, or subtracted from the reward per token")
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL controller (Ziegler et al. 2019): target KL per sequence; None keeps beta fixed")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in samples")
+    reward: str | dict[str, float] = Field("exact_match", description="reward name, or {name: weight} for a weighted sum")
+    reward_on_invalid: Literal["fallback", "drop"] = Field("fallback", description="a None/NaN/inf score or a raising reward: use reward_fallback, or drop the sample")
+    reward_fallback: float = Field(0.0, description="score given to an invalid one under reward_on_invalid=fallback")
+    mask_truncated_completions: bool = Field(False, description="no loss on completions that hit max_new_tokens without EOS")
+    eval_data: str = Field("auto", description="'arith', a file of {prompt, answer} rows, 'none', or 'auto' (arith when data=arith)")
+    eval_samples: int = Field(200, ge=1, description="held-out prompts scored by greedy exact match")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: before and after only)")
+    schedule: Literal["cosine", "constant"] = Field("constant", description="learning-rate schedule after warmup")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr, in steps")
+
+
+@dataclass
+class Experience:
+    """One rollout batch with everything its updates need. N completions × L tokens."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (N,) NaN where dropped
+    mask: torch.Tensor  # (N, L) float: tokens that carry loss
+    old_logps: torch.Tensor  # (N, L) the sampler's log-probs
+    ref_logps: torch.Tensor | None  # (N, L) or None when beta = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # advantages, values, returns…
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+class AdaptiveKL:
+    """β_{t+1} = β_t (1 + clip(KL/target - 1, ±0.2) · n/horizon) (Ziegler et al. 2019, §2.2)."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is not None and math.isfinite(kl):
+            err = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + err * n / self.horizon
+
+
+class Session:
+    """The policy, optional reference, engine, rewards, prompt stream, optimizer, logger and
+    checkpoints of one online run. ``extra_modules`` (a critic) train and checkpoint with it."""
+
+    def __init__(self, cfg: OnlineConfig, name: str):
+        runs.setup_torch(cfg)
+        self.cfg, self.name = cfg, name
+        self.run_dir = runs.prepare_run_dir(cfg)
+        self.ckpt, self.state = runs.resume_point(cfg, self.run_dir)
+        path = self.ckpt or resolve_model_path(cfg.model)
+        self.base_path = resolve_model_path(cfg.model)
+        self.tokenizer = load_tokenizer(path)
+        self.pad = padding_id(self.tokenizer)
+        self.policy = load_causal_lm(path).train()
+        self.ref = None
+        if cfg.beta > 0 or cfg.kl_target is not None:  # the reference is the starting model, always
+            self.ref = load_causal_lm(self.base_path).eval().requires_grad_(False)
+        self.engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype, seed=cfg.seed)
+        self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations)
+        self.rewards = make_rewards(cfg.reward, cfg.reward_on_invalid, cfg.reward_fallback)
+        self.prompts, self.metadata = self._load_prompts()
+        self.sampler = EpochSampler(len(self.prompts), cfg.seed)
+        self.kl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.optimizer = self.scheduler = None
+        self.eval_rows = self._eval_rows()
+        self.start = 0
+        self.t_start = time.time()
+        self.timings: dict[str, float] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def add_module(self, key: str, module: torch.nn.Module) -> None:
+        """Train ``module`` (a critic) with the policy: same optimizer, saved in checkpoints."""
+        self.modules[key] = module
+
+    def begin(self) -> None:
+        """Build the optimizer, restore a checkpoint's state, open the log, evaluate the start."""
+        cfg = self.cfg
+        holder = torch.nn.ModuleList([self.policy, *self.modules.values()])
+        self.optimizer = runs.make_optimizer(holder, cfg)
+        self.scheduler = runs.make_scheduler(self.optimizer, cfg)
+        self._params = list(holder.parameters())
+        if self.state is not None:
+            runs.restore_train_state(self.state, self.optimizer, self.scheduler)
+            self.sampler.load_state_dict(self.state["sampler"])
+            self.engine.load_state_dict(self.state["engine"])
+            self.kl.beta = self.state["kl_beta"]
+            for k, m in self.modules.items():
+                m.load_state_dict(self.state["modules"][k])
+            self.start = self.state["step"]
+        self.logger = RunLogger(self.run_dir, cfg.max_steps, self.start, self.name, cfg.progress, cfg.tensorboard)
+        self.logger.message(f"{self.name}: {len(self.prompts)} prompts, {cfg.prompts_per_step}×{cfg.num_generations} "
+                            f"completions per step; model {self.base_path}; run {self.run_dir}")
+        self.eval_before = self.evaluate(0) if self.eval_rows and self.start == 0 else None
+
+    def _load_prompts(self) -> tuple[list[str], list[dict[str, Any]]]:
+        cfg = self.cfg
+        if cfg.data == "arith":
+            train, _ = problem_space(cfg.arith)
+            return [p.prompt for p in train], [{"answer": p.answer} for p in train]
+        prompts, meta = [], []
+        for r in read_rows(cfg.data):
+            p = r.data.get("prompt")
+            if isinstance(p, list):  # chat messages: the template with the assistant turn opened
+                p = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            if not isinstance(p, str) or not p:
+                raise DataError(f"{r.where}: online RL rows need a non-empty 'prompt' (text or chat messages)")
+            prompts.append(p)
+            meta.append({k: v for k, v in r.data.items() if k != "prompt"})
+        return prompts, meta
+
+    def _eval_rows(self) -> list[dict[str, str]]:
+        cfg = self.cfg
+        source = ("arith" if cfg.data == "arith" else "none") if cfg.eval_data == "auto" else cfg.eval_data
+        return [] if source == "none" else load_eval_rows(source, cfg.eval_samples, cfg.arith)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def steps(self) -> Iterator[int]:
+        for step in range(self.start + 1, self.cfg.max_steps + 1):
+            self._t0 = time.perf_counter()
+            self.timings: dict[str, float] = {}
+            yield step
+            if self._stopped:
+                return
+
+    _stopped = False
+
+    def rollout(self) -> tuple[list[int], Rollout]:
+        """Stage 1: the next prompts and ``num_generations`` sampled completions of each."""
+        t = time.perf_counter()
+        idx = self.sampler.next(self.cfg.prompts_per_step)
+        ids = [self.tokenizer(self.prompts[i], add_special_tokens=False)["input_ids"] for i in idx]
+        roll = self.engine.generate(ids, self.params)
+        self.timings["time/generate"] = time.perf_counter() - t
+        return idx, roll
+
+    def score(self, idx: list[int], roll: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stage 2: one reward per completion (NaN when dropped), and the reward metrics."""
+        t = time.perf_counter()
+        n = self.cfg.num_generations
+        prompts = [self.prompts[i] for i in idx for _ in range(n)]
+        meta = [self.metadata[i] for i in idx for _ in range(n)]
+        rewards, metrics = self.rewards(prompts, roll.texts, meta)
+        self.timings["time/reward"] = time.perf_counter() - t
+        return rewards, metrics
+
+    def experience(self, roll: Rollout, rewards: torch.Tensor) -> Experience:
+        """The loss mask (dropped and, optionally, truncated completions carry none) and the
+        reference log-probs (one no-grad forward) when a KL is in play."""
+        mask = roll.mask.float()
+        mask[torch.isnan(rewards)] = 0
+        if self.cfg.mask_truncated_completions:
+            mask[roll.truncated] = 0
+        ref = None
+        if self.ref is not None:
+            t = time.perf_counter()
+            with torch.no_grad():
+                ref = torch.cat([self.logps(self.ref, roll, mb)[0] for mb in self._chunks(torch.arange(len(rewards)))])
+            self.timings["time/reference"] = time.perf_counter() - t
+        return Experience(roll, rewards, mask, roll.logprobs, ref)
+
+    def kl_reward(self, exp: Experience) -> torch.Tensor:
+        """-β · KL_t per token (the reward-penalty form of seed §4), (N, L); zeros when β = 0."""
+        if exp.ref_logps is None:
+            return torch.zeros_like(exp.mask)
+        return -self.kl.beta * kl_estimate(exp.old_logps, exp.ref_logps, self.cfg.kl_estimator) * exp.mask
+
+    def logps(self, model, roll: Rollout, rows: torch.Tensor, with_hidden: bool = False):
+        """:func:`completion_logps` of rollout ``rows`` under ``model`` at the sampling temperature."""
+        return completion_logps(model, [roll.prompt_ids[i] for i in rows.tolist()], roll.completion_ids[rows],
+                                roll.mask[rows], self.cfg.temperature, self.cfg.dtype, self.pad, with_hidden)
+
+    def _chunks(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        return list(rows.split(self.cfg.micro_batch_size))
+
+    def update(self, exp: Experience, loss_fn: Callable[[torch.Tensor, int, float, bool], tuple[torch.Tensor, dict]],
+               ) -> dict[str, float]:
+        """Stage 4: ``epochs`` passes over the rollout in ``mini_batches`` shuffled mini-batches, one
+        optimizer update each, micro-batched. ``loss_fn(rows, n_seq, n_tok, on_policy)`` returns the
+        loss of micro-batch ``rows`` normalised by the mini-batch's ``n_seq`` sequences and ``n_tok``
+        tokens, so accumulation does not change it. ``on_policy`` is True when no update has
+        happened since sampling (then π_old = sg(π_θ) exactly, as TRL)."""
+        t = time.perf_counter()
+        cfg, N = self.cfg, len(exp)
+        totals: dict[str, float] = {}
+        size = math.ceil(N / cfg.mini_batches)
+        updates = 0
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(N) if cfg.mini_batches > 1 or cfg.epochs > 1 else torch.arange(N)
+            for mb in perm.split(size):
+                n_tok = float(exp.mask[mb].sum())
+                for micro in self._chunks(mb):
+                    loss, metrics = loss_fn(micro, len(mb), n_tok, updates == 0 and cfg.epochs * cfg.mini_batches == 1)
+                    loss.backward()
+                    for k, v in metrics.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+                norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm or float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(norm)
+                updates += 1
+        self.scheduler.step()  # the schedule counts rollout steps
+        self.engine.sync_weights(self.policy)  # π_old ← π_θ: the next rollout samples the new policy
+        out = {k: v / updates for k, v in totals.items()}
+        self.timings["time/update"] = time.perf_counter() - t
+        return out
+
+    def end_step(self, step: int, exp: Experience, metrics: dict[str, float]) -> None:
+        """Log (reward, accuracy of the samples, KL, entropy, lengths, timings), evaluate,
+        checkpoint, honour stop_at_step."""
+        cfg = self.cfg
+        r = exp.rewards
+        lengths = exp.rollout.mask.sum(-1).float()
+        dt = time.perf_counter() - self._t0
+        record = {"reward": float(r.nanmean()), "reward_std": float(r[~torch.isnan(r)].std()) if (~torch.isnan(r)).sum() > 1 else 0.0,
+                  "completion_length": float(lengths.mean()), "truncated": float(exp.rollout.truncated.float().mean()),
+                  "beta": self.kl.beta, "lr": self.scheduler.get_last_lr()[0], "step_time": dt,
+                  "tok_per_s": float(exp.rollout.mask.sum() + sum(map(len, exp.rollout.prompt_ids))) / dt,
+                  **metrics, **self.timings}
+        if exp.ref_logps is not None:
+            seq_kl = (kl_estimate(exp.old_logps, exp.ref_logps, "k3") * exp.rollout.mask).sum(-1)
+            record["kl"] = float(seq_kl.mean())  # per sequence, of the sampling policy (k3)
+            self.kl.update(record["kl"], len(exp))
+        self.logger.log(step, record)
+        if self.eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            self.evaluate(step)
+        stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
+        if stop or step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
+            extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(), "kl_beta": self.kl.beta,
+                     "modules": {k: m.state_dict() for k, m in self.modules.items()}}
+            runs.save(cfg, self.run_dir, step, self.policy, self.tokenizer, self.optimizer, self.scheduler, extra)
+        if stop:
+            self.logger.message(f"{self.name}: stopped after step {step} (stop_at_step); continue with resume=true")
+            self._stopped = True
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Greedy exact-match accuracy on the held-out prompts (the engine at temperature 0)."""
+        from .arith import exact_match
+
+        rows = self.eval_rows
+        ids = [self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+        greedy = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=0)
+        texts = [t for i in range(0, len(ids), 128) for t in self.engine.generate(ids[i:i + 128], greedy).texts]
+        hits = [exact_match(c, r["answer"]) for c, r in zip(texts, rows)]
+        ev = {"accuracy": sum(hits) / max(1, len(rows)), "n": len(rows),
+              "samples": [{"prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": h}
+                          for r, c, h in zip(rows[:8], texts, hits)]}
+        self.logger.log(step, {"eval_accuracy": ev["accuracy"]}, advance=False)
+        return ev
+
+    def finish(self) -> runs.FitResult:
+        """Write the final model, evaluate it, close the log, write the report."""
+        result = runs.FitResult(self.run_dir, self.run_dir / "final", self.start, 0.0, self.eval_before,
+                                stopped_early=self._stopped)
+        last = read_metrics(self.run_dir / "metrics.jsonl")
+        result.steps = max((m["step"] for m in last), default=0)
+        if not self._stopped:
+            runs.save_final(self.run_dir, self.policy, self.tokenizer)
+            for k, m in self.modules.items():
+                torch.save(m.state_dict(), self.run_dir / "final" / f"{k}.pt")
+            if self.eval_rows:
+                result.eval_after = self.evaluate(self.cfg.max_steps)
+        self.logger.close()
+        result.seconds = time.time() - self.t_start
+        if self.cfg.report and not self._stopped:
+            from .report import write_report
+
+            summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1)}
+            if result.eval_after and result.eval_before:
+                summary["held-out accuracy"] = f"{result.eval_before['accuracy']:.1%} -> {result.eval_after['accuracy']:.1%}"
+            write_report(self.run_dir, self.name, read_metrics(self.run_dir / "metrics.jsonl"), summary)
+        return result
+
+
+def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
+                     temperature: float = 1.0, dtype: str = "fp32", pad: int = 0, with_hidden: bool = False,
+                     share_prompts: bool = True):
+    """Per-token log-probs log softmax(logits / T)[y_t] of right-padded ``completions`` (B, L) after
+    their ``prompts``, the entropy of each position's distribution (B, L, no gradient), and the
+    hidden states that produced those logits (B, L, H) when asked (a value head reads them).
+
+    Completions of the same prompt (a GRPO group) share one forward of the prompt: its KV cache is
+    computed once, with gradient, and gathered for each completion, so a group of n costs one prompt
+    and n completions instead of n of both. Logits exist only at completion positions.
+    """
+    B, L = completions.shape
+    keys = [tuple(p) for p in prompts]
+    uniq = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+    with autocast(dtype):
+        if share_prompts and len(uniq) < B:
+            h = _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[k] for k in keys]), completions, mask, pad)
+        else:
+            h = _hidden(model, prompts, completions, mask, pad)
+        logits = model.get_output_embeddings()(h).float()
+    logp_all = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+    lp = logp_all.gather(-1, completions[..., None])[..., 0] * mask
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+    return (lp, entropy, h) if with_hidden else (lp, entropy)
+
+
+def _hidden(model, prompts: list[list[int]], comp: torch.Tensor, cmask: torch.Tensor, pad: int) -> torch.Tensor:
+    """Hidden states feeding each completion position, one right-padded prompt+completion row each:
+    completion token t is predicted at column len(prompt) - 1 + t."""
+    B, L = comp.shape
+    P = max(map(len, prompts))
+    ids = torch.full((B, P + L), pad, dtype=torch.long)
+    attn = torch.zeros(B, P + L, dtype=torch.long)
+    at = torch.zeros(B, L, dtype=torch.long)
+    for i, (p, k) in enumerate(zip(prompts, cmask.sum(-1).tolist())):
+        ids[i, :len(p)] = torch.tensor(p)
+        ids[i, len(p):len(p) + L] = comp[i]
+        attn[i, :len(p) + int(k)] = 1
+        at[i] = len(p) - 1 + torch.arange(L)
+    hidden = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _shared_prompt_hidden(model, uniq: list[tuple[int, ...]], index: torch.Tensor, comp: torch.Tensor,
+                          cmask: torch.Tensor, pad: int) -> torch.Tensor:
+    """:func:`_hidden` with each distinct prompt run once (left-padded), its KV cache gathered per row."""
+    from transformers import DynamicCache
+
+    U, P = len(uniq), max(map(len, uniq))
+    ids = torch.full((U, P), pad, dtype=torch.long)
+    pmask = torch.zeros(U, P, dtype=torch.long)
+    for j, p in enumerate(uniq):
+        ids[j, P - len(p):] = torch.tensor(p)
+        pmask[j, P - len(p):] = 1
+    cache = DynamicCache(config=model.config)
+    out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+                           past_key_values=cache, use_cache=True)
+    last = out.last_hidden_state[:, -1]  # predicts each completion's first token
+    cache.batch_select_indices(index)  # differentiable gather: gradients reach the prompt's forward
+    plen = pmask.sum(-1)[index]
+    attn = torch.cat([pmask[index], torch.ones_like(cmask)], dim=1)  # padding after a row's end is never attended
+    pos = plen[:, None] + torch.arange(comp.shape[1])
+    hc = model.base_model(input_ids=comp, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                          use_cache=True).last_hidden_state
+    return torch.cat([last[index][:, None], hc[:, :-1]], dim=1)
+
+
+def sequence_rewards_to_tokens(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place each sequence's reward on its last real token (N, L); dropped (NaN) rewards give 0."""
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    out[torch.arange(len(rewards)), last] = torch.nan_to_num(rewards, nan=0.0)
+    return out * (mask.sum(-1, keepdim=True) > 0)
+

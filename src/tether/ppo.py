@@ -1,0 +1,133 @@
+"""Proximal Policy Optimization with a learned critic (seed §4.3, §6; Schulman et al. 2017,
+Ouyang et al. 2022), on one machine.
+
+Per step: sample, score, then per token the reward r_t = -β KL_t (+ the sequence's score on its
+last token), the critic's values V(s_t), GAE(γ, λ) advantages and returns, whitened advantages;
+then epochs × shuffled mini-batches of the clipped surrogate plus the (clipped) value loss, importance
+-weighted against the sampling policy's stored log-probs (seed §5).
+
+The critic is a separate value model (a causal-LM backbone with a scalar head, initialised from the
+policy or from ``critic_model``, e.g. a trained reward model) or a value head on the policy's own
+hidden states (``critic=head``: cheaper, but the two losses share the backbone).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from . import runs
+from .losses.policy import PolicyLossConfig, gae, policy_loss, value_loss, whiten
+from .online import Experience, OnlineConfig, Session, sequence_rewards_to_tokens
+
+
+class PPOConfig(OnlineConfig):
+    """PPO with a critic. Defaults: one completion per prompt is enough; 4 are used for throughput."""
+
+    output_dir: str = Field("runs/ppo", description="run folder")
+    critic: Literal["separate", "head"] = Field("separate", description="a separate value model, or a value head on the policy")
+    critic_model: str | None = Field(None, description="checkpoint the separate critic starts from (default: the policy's)")
+    gamma: float = Field(1.0, gt=0, le=1, description="discount of GAE")
+    lam: float = Field(0.95, ge=0, le=1, description="λ of GAE")
+    vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
+    cliprange: float = Field(0.2, gt=0, description="ε of the clipped ratio")
+    cliprange_value: float | None = Field(0.2, gt=0, description="clip of the value update around the old values (None: unclipped)")
+    whiten_advantages: bool = Field(True, description="normalise advantages to zero mean, unit std over the batch")
+    beta: float = Field(0.05, ge=0, description="KL coefficient")
+    kl_penalty: Literal["loss", "reward"] = Field("reward", description="KL as a per-token reward penalty (PPO's usual form) or a loss term")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
+    num_generations: int = Field(4, ge=1, description="completions per prompt")
+    prompts_per_step: int = Field(16, ge=1, description="prompts sampled per step")
+    epochs: int = Field(2, ge=1, description="PPO epochs over each rollout batch")
+    mini_batches: int = Field(2, ge=1, description="optimizer updates per epoch")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW) of the policy and the critic")
+
+
+class ValueHead(torch.nn.Module):
+    """V(s_t) = w·h_t + b on hidden states; zero-initialised so the first values are 0."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.v = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.v.weight)
+        torch.nn.init.zeros_(self.v.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.v(h.float())[..., 0]
+
+
+class SeparateCritic(torch.nn.Module):
+    """A backbone of its own (the policy's architecture and start) with a :class:`ValueHead`."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.head = ValueHead(lm.config.hidden_size)
+
+
+def train(cfg: PPOConfig) -> runs.FitResult:
+    s = Session(cfg, "ppo")
+    from .modeling import load_causal_lm, resolve_model_path
+
+    if cfg.critic == "separate":
+        critic = SeparateCritic(load_causal_lm(resolve_model_path(cfg.critic_model) if cfg.critic_model else s.base_path))
+        critic.lm.train()
+    else:
+        critic = ValueHead(s.policy.config.hidden_size)
+    s.add_module("critic", critic)
+    loss_cfg = PolicyLossConfig(loss_type="bnpo", epsilon_low=cfg.cliprange, epsilon_high=cfg.cliprange,
+                                beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0, kl_estimator=cfg.kl_estimator)
+
+    def values(rows: torch.Tensor, policy_hidden: torch.Tensor | None, roll) -> torch.Tensor:
+        """V(s_t) at each completion position (n, L), from the critic's backbone or the policy's."""
+        if isinstance(critic, SeparateCritic):
+            _, _, h = s.logps(critic.lm, roll, rows, with_hidden=True)
+            return critic.head(h)
+        return critic(policy_hidden)
+
+    s.begin()
+    for step in s.steps():
+        idx, roll = s.rollout()                                                  # 1. sample
+        rewards, reward_metrics = s.score(idx, roll)                             # 2. score
+        exp = s.experience(roll, rewards)
+        with torch.no_grad():                                                    # 3. values, GAE
+            old_v = torch.cat([values(mb, s.logps(s.policy, roll, mb, with_hidden=True)[2]
+                                      if cfg.critic == "head" else None, roll)
+                               for mb in torch.arange(len(exp)).split(cfg.micro_batch_size)])
+        token_r = sequence_rewards_to_tokens(rewards, exp.mask)
+        if cfg.kl_penalty == "reward":
+            token_r = token_r + s.kl_reward(exp)
+        old_v = old_v * exp.mask
+        adv, returns = gae(token_r, old_v, exp.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, exp.mask)
+
+        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
+            logps, entropy, h = s.logps(s.policy, roll, rows, with_hidden=True)
+            ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
+            pl, m = policy_loss(logps, exp.old_logps[rows], adv[rows], exp.mask[rows], loss_cfg, ref,
+                                num_sequences=n_seq, num_tokens=n_tok)
+            v = values(rows, h, roll)
+            vl = value_loss(v, old_v[rows], returns[rows], exp.mask[rows], cfg.cliprange_value, n_tok)
+            m = {**m, "value_loss": vl.detach(), "entropy_sum": (entropy * exp.mask[rows]).sum(),
+                 "ratio_dev_sum": ((logps - exp.old_logps[rows]).abs() * exp.mask[rows]).sum().detach()}
+            return pl + cfg.vf_coef * vl, m
+
+        metrics = s.update(exp, loss_fn)                                         # 4. epochs × mini-batches
+        tokens = max(metrics.pop("tokens"), 1.0)
+        for k in ("kl_sum", "clip_low", "clip_high", "entropy_sum", "ratio_dev_sum"):
+            if k in metrics:
+                metrics[k.removesuffix("_sum")] = metrics.pop(k) / tokens
+        s.end_step(step, exp, {**reward_metrics, **metrics, **_value_stats(exp, old_v, returns)})
+    return s.finish()
+
+
+def _value_stats(exp: Experience, values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+    """How well the critic explains the returns: 1 - Var(R - V) / Var(R) over real tokens."""
+    m = exp.mask.bool()
+    r, v = returns[m], values[m]
+    var = float(r.var()) if r.numel() > 1 else 0.0
+    return {"value_mean": float(v.mean()) if v.numel() else 0.0,
+            "explained_variance": 1 - float((r - v).var()) / var if var > 0 else 0.0}

@@ -1,0 +1,113 @@
+"""The reward interface of online RL (seed §2-§4): r(prompts, completions, metadata) → one float per
+sample, composable with weights.
+
+A reward function is any callable with that signature; it may return ``None`` (or NaN / inf) for a
+sample it cannot score, or raise. :class:`RewardSet` turns those into a documented policy so a run
+never dies or learns from garbage because of one bad score:
+
+* ``on_invalid="fallback"`` (default): the sample gets ``fallback`` (0.0) from that function;
+* ``on_invalid="drop"``: the sample is dropped: its total reward is NaN, the trainers give it zero
+  advantage and zero loss weight, and group statistics are computed without it.
+
+A function that raises counts every sample of the call as invalid. Every invalid score is counted in
+the metrics (``reward/<name>/invalid``), with each function's mean, so a user sees it happening.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from .arith import extract_answer
+
+log = logging.getLogger(__name__)
+
+RewardValue = float | int | None
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: list[str], completions: list[str],
+                 metadata: list[dict[str, Any]]) -> Sequence[RewardValue]: ...
+
+
+def arith_exact_match(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+    """1.0 when the completion's final integer equals ``metadata["answer"]`` (the arithmetic
+    world's verifier, :func:`tether.arith.extract_answer`), else 0.0."""
+    out = []
+    for c, m in zip(completions, metadata):
+        got = extract_answer(c)
+        out.append(float(got is not None and got == int(m["answer"])))
+    return out
+
+
+REWARDS: dict[str, RewardFn] = {"exact_match": arith_exact_match}
+
+
+@dataclass
+class RewardSet:
+    """r = Σ_k w_k r_k over named reward functions, with the invalid-score policy above."""
+
+    fns: dict[str, RewardFn]
+    weights: dict[str, float] = field(default_factory=dict)
+    on_invalid: Literal["fallback", "drop"] = "fallback"
+    fallback: float = 0.0
+
+    def __call__(self, prompts: list[str], completions: list[str],
+                 metadata: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(rewards (N,) float32 with NaN for dropped samples, metrics)."""
+        n = len(completions)
+        total = torch.zeros(n)
+        dropped = torch.zeros(n, dtype=torch.bool)
+        metrics: dict[str, float] = {}
+        for name, fn in self.fns.items():
+            values, invalid = self._score(name, fn, prompts, completions, metadata)
+            w = self.weights.get(name, 1.0)
+            if self.on_invalid == "drop":
+                dropped |= invalid
+            total += w * values.masked_fill(invalid, self.fallback)
+            ok = values[~invalid]
+            metrics[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
+            metrics[f"reward/{name}/invalid"] = float(invalid.sum())
+        total[dropped] = float("nan")
+        metrics["reward/dropped"] = float(dropped.sum())
+        return total, metrics
+
+    @staticmethod
+    def _score(name: str, fn: RewardFn, prompts, completions, metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            raw = list(fn(prompts, completions, metadata))
+            if len(raw) != len(completions):
+                raise ValueError(f"returned {len(raw)} scores for {len(completions)} completions")
+        except Exception as e:  # noqa: BLE001 - a broken reward must not kill the run; it is counted
+            log.warning("reward %r raised %s: %s; its %d scores count as invalid", name, type(e).__name__, e,
+                        len(completions))
+            return torch.zeros(len(completions)), torch.ones(len(completions), dtype=torch.bool)
+        values = torch.tensor([_as_float(v) for v in raw], dtype=torch.float32)
+        invalid = ~torch.isfinite(values)
+        return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), invalid
+
+
+def _as_float(v: Any) -> float:
+    if v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def make_rewards(spec: str | dict[str, float], on_invalid: str = "fallback", fallback: float = 0.0,
+                 registry: dict[str, RewardFn] | None = None) -> RewardSet:
+    """A :class:`RewardSet` from a config value: a name (``"exact_match"``) or ``{name: weight}``."""
+    reg = registry or REWARDS
+    weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
+    unknown = [k for k in weights if k not in reg]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(reg)}")
+    return RewardSet({k: reg[k] for k in weights}, weights, on_invalid, fallback)  # type: ignore[arg-type]
+

@@ -1,0 +1,159 @@
+"""Online RL plumbing: rewards' invalid-score policy, the three trainers end to end, exact resume,
+accumulation invariance of a whole update."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tether import grpo, ppo, reinforce
+from tether.rewards import RewardSet, arith_exact_match, make_rewards
+
+
+def small(cls, tiny_model, tmp_path, **kw):
+    base = dict(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=3, prompts_per_step=2,
+                num_generations=4, max_new_tokens=6, eval_samples=8, progress=False, report=False, lr=1e-3)
+    return cls(**{**base, **kw})
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards
+# ---------------------------------------------------------------------------------------------
+def test_exact_match_reward():
+    got = arith_exact_match(["q"] * 3, [" 3 + 4 = 7", " 3 + 4 = 8", "no number"], [{"answer": 7}] * 3)
+    assert got == [1.0, 0.0, 0.0]
+
+
+def _bad(prompts, completions, meta):
+    return [None, float("nan"), float("inf"), 1.0]
+
+
+def _raises(prompts, completions, meta):
+    raise RuntimeError("reward server down")
+
+
+def test_invalid_scores_fall_back_and_are_counted():
+    rs = RewardSet({"bad": _bad, "ok": lambda p, c, m: [0.5] * 4}, {"bad": 2.0, "ok": 1.0}, "fallback", -1.0)
+    r, m = rs(["p"] * 4, ["c"] * 4, [{}] * 4)
+    torch.testing.assert_close(r, torch.tensor([-2 + 0.5, -2 + 0.5, -2 + 0.5, 2 + 0.5]))
+    assert m["reward/bad/invalid"] == 3 and m["reward/ok/invalid"] == 0 and m["reward/dropped"] == 0
+    assert m["reward/bad/mean"] == 1.0  # the valid scores only
+
+
+def test_invalid_scores_drop_the_sample_and_a_raising_reward_drops_all():
+    r, m = RewardSet({"bad": _bad}, on_invalid="drop")(["p"] * 4, ["c"] * 4, [{}] * 4)
+    assert torch.isnan(r[:3]).all() and r[3] == 1.0 and m["reward/dropped"] == 3
+    r, m = RewardSet({"down": _raises}, on_invalid="drop")(["p"] * 4, ["c"] * 4, [{}] * 4)
+    assert torch.isnan(r).all() and m["reward/down/invalid"] == 4
+    r, m = RewardSet({"down": _raises})(["p"] * 4, ["c"] * 4, [{}] * 4)  # fallback
+    assert (r == 0).all()
+
+
+def test_unknown_reward_is_refused():
+    with pytest.raises(ValueError, match="unknown reward"):
+        make_rewards("nope")
+
+
+@pytest.mark.parametrize("policy", ["fallback", "drop"])
+def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy):
+    calls = {"n": 0}
+
+    def flaky(prompts, completions, meta):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return [None if i % 3 == 0 else (float("nan") if i % 3 == 1 else float(i % 2)) for i in range(len(prompts))]
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "flaky", flaky)
+    cfg = small(grpo.GRPOConfig, tiny_model, tmp_path, reward="flaky", reward_on_invalid=policy, eval_data="none")
+    r = grpo.train(cfg)
+    model = __import__("tether.modeling").modeling.load_causal_lm(r.final_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    recs = [m for m in metrics(r.run_dir) if "loss" in m]
+    assert len(recs) == 3 and all(math.isfinite(m["loss"]) for m in recs)
+    assert recs[1]["reward/flaky/invalid"] == 8  # the raising call: every sample
+    assert recs[0]["reward/flaky/invalid"] == 6  # None and NaN of 8
+    if policy == "drop":
+        assert recs[0]["reward/dropped"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainers end to end, resume
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,module,extra", [
+    (grpo.GRPOConfig, grpo, dict(beta=0.04)),
+    (grpo.GRPOConfig, grpo, dict(loss_type="dr_grpo", importance_level="sequence", epochs=2, mini_batches=2)),
+    (ppo.PPOConfig, ppo, dict()),
+    (ppo.PPOConfig, ppo, dict(critic="head", kl_target=0.05)),
+    (reinforce.ReinforceConfig, reinforce, dict()),
+])
+def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
+    r = module.train(small(cls, tiny_model, tmp_path, **extra))
+    recs = metrics(r.run_dir)
+    steps = [m for m in recs if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for key in ("reward", "entropy", "completion_length", "time/generate", "time/update"):
+        assert key in steps[0], key
+    if cls.model_fields["beta"].default or extra.get("beta"):
+        assert "kl" in steps[-1] and steps[-1]["kl"] >= 0
+    assert r.eval_before is not None and r.eval_after is not None
+    assert (r.final_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("cls,module,extra", [
+    (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2)),
+    (ppo.PPOConfig, ppo, dict(kl_target=0.05)),
+])
+def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, extra):
+    full = module.train(small(cls, tiny_model, tmp_path / "a", max_steps=4, eval_data="none", **extra))
+    module.train(small(cls, tiny_model, tmp_path / "b", max_steps=4, eval_data="none", stop_at_step=2, **extra))
+    resumed = module.train(small(cls, tiny_model, tmp_path / "b", max_steps=4, eval_data="none", resume=True, **extra))
+    a = [m for m in metrics(full.run_dir) if "loss" in m]
+    b = [m for m in metrics(resumed.run_dir) if "loss" in m]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ("loss", "reward", "completion_length", "grad_norm"):
+            assert x[k] == y[k], (k, x["step"])
+        if "beta" in x:
+            assert x["beta"] == y["beta"]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(full.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _by_length(prompts, completions, meta):
+    return [float(len(c) % 5) for c in completions]
+
+
+def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatch):
+    """One GRPO step with 1 × 8, 2 × 4 and 8 × 1 micro-batches gives the same weights. Plain SGD
+    stands in for AdamW, whose first step is scale-free and would hide a mis-normalised loss."""
+    from tether import runs
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    monkeypatch.setattr(runs, "make_optimizer", lambda model, cfg: torch.optim.SGD(model.parameters(), lr=cfg.lr))
+    weights = []
+    for mbs in (8, 4, 1):
+        r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / str(mbs), max_steps=1, micro_batch_size=mbs,
+                             eval_data="none", beta=0.04, max_grad_norm=0, reward="by_length", lr=1.0))
+        from safetensors.torch import load_file
+
+        weights.append(load_file(r.final_dir / "model.safetensors"))
+    for w in weights[1:]:
+        for k in w:
+            torch.testing.assert_close(w[k], weights[0][k], atol=1e-6, rtol=1e-5)
+    start = __import__("safetensors.torch").torch.load_file(tiny_model / "model.safetensors")
+    assert any(not torch.equal(start[k], weights[0][k]) for k in start)  # it did move
+
+
+def test_bad_prompt_rows_are_refused(tiny_model, tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"question": "no prompt key"}) + "\n")
+    with pytest.raises(ValueError, match="prompt"):
+        grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, data=str(bad)))
