@@ -31,8 +31,9 @@ class GRPOConfig(OnlineConfig):
     delta: float | None = Field(None, gt=1, description="two-sided clipping: cap the unclipped ratio at delta")
     importance_level: Literal["token", "sequence"] = Field("token", description="token ratios, or GSPO's sequence-level ratio")
     kl_importance_correction: bool = Field(True, description="weight the KL term by the importance ratio (TRL's use_bias_correction_kl)")
-    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model, TRL's default)")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+    beta: float = Field(0.1, ge=0, description="KL coefficient (0: no reference model is loaded, TRL's default)")
+    prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 
     def loss_config(self) -> PolicyLossConfig:
         if self.loss_type not in LOSS_TYPES:

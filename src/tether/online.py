@@ -119,6 +119,7 @@ class Session:
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.kl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         self.modules: dict[str, torch.nn.Module] = {}
+        self.module_lr: dict[str, float] = {}
         self.optimizer = self.scheduler = None
         self.eval_rows = self._eval_rows()
         self.start = 0
@@ -126,17 +127,21 @@ class Session:
         self.timings: dict[str, float] = {}
 
     # -- set-up ------------------------------------------------------------------------------
-    def add_module(self, key: str, module: torch.nn.Module) -> None:
-        """Train ``module`` (a critic) with the policy: same optimizer, saved in checkpoints."""
+    def add_module(self, key: str, module: torch.nn.Module, lr: float | None = None) -> None:
+        """Train ``module`` (a critic) with the policy: same optimizer (its own learning rate if
+        given), saved in checkpoints."""
         self.modules[key] = module
+        self.module_lr[key] = lr or self.cfg.lr
 
     def begin(self) -> None:
         """Build the optimizer, restore a checkpoint's state, open the log, evaluate the start."""
         cfg = self.cfg
-        holder = torch.nn.ModuleList([self.policy, *self.modules.values()])
-        self.optimizer = runs.make_optimizer(holder, cfg)
+        self.optimizer = runs.make_optimizer(self.policy, cfg)
+        for key, m in self.modules.items():  # a critic: its own parameter group and learning rate
+            self.optimizer.add_param_group({"params": [p for p in m.parameters() if p.requires_grad],
+                                            "lr": self.module_lr[key], "weight_decay": 0.0})
         self.scheduler = runs.make_scheduler(self.optimizer, cfg)
-        self._params = list(holder.parameters())
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.state is not None:
             runs.restore_train_state(self.state, self.optimizer, self.scheduler)
             self.sampler.load_state_dict(self.state["sampler"])
@@ -273,8 +278,9 @@ class Session:
         record = {"reward": float(r.nanmean()), "reward_std": float(r[~torch.isnan(r)].std()) if (~torch.isnan(r)).sum() > 1 else 0.0,
                   "completion_length": float(lengths.mean()), "truncated": float(exp.rollout.truncated.float().mean()),
                   "beta": self.kl.beta, "lr": self.scheduler.get_last_lr()[0], "step_time": dt,
-                  "tok_per_s": float(exp.rollout.mask.sum() + sum(map(len, exp.rollout.prompt_ids))) / dt,
+                  "tokens": float(exp.rollout.mask.sum() + sum(map(len, exp.rollout.prompt_ids))),
                   **metrics, **self.timings}
+        record["tok_per_s"] = record["tokens"] / dt  # prompt + completion tokens, TRL's count
         if exp.ref_logps is not None:
             seq_kl = (kl_estimate(exp.old_logps, exp.ref_logps, "k3") * exp.rollout.mask).sum(-1)
             record["kl"] = float(seq_kl.mean())  # per sequence, of the sampling policy (k3)

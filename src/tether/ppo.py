@@ -24,7 +24,8 @@ from .online import Experience, OnlineConfig, Session, sequence_rewards_to_token
 
 
 class PPOConfig(OnlineConfig):
-    """PPO with a critic. Defaults: one completion per prompt is enough; 4 are used for throughput."""
+    """PPO with a critic. A group per prompt is not needed (the critic is the baseline); 4 completions
+    share one prompt forward, which is cheaper than 4 prompts."""
 
     output_dir: str = Field("runs/ppo", description="run folder")
     critic: Literal["separate", "head"] = Field("separate", description="a separate value model, or a value head on the policy")
@@ -39,10 +40,11 @@ class PPOConfig(OnlineConfig):
     kl_penalty: Literal["loss", "reward"] = Field("reward", description="KL as a per-token reward penalty (PPO's usual form) or a loss term")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
     num_generations: int = Field(4, ge=1, description="completions per prompt")
-    prompts_per_step: int = Field(16, ge=1, description="prompts sampled per step")
-    epochs: int = Field(2, ge=1, description="PPO epochs over each rollout batch")
-    mini_batches: int = Field(2, ge=1, description="optimizer updates per epoch")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW) of the policy and the critic")
+    prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step")
+    epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch")
+    mini_batches: int = Field(1, ge=1, description="optimizer updates per epoch")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW) of the policy; tuned for the embedded model: ~1e-6 suits billion-parameter models")
+    critic_lr: float | None = Field(None, gt=0, description="learning rate of the critic (default: 10 × lr; a critic must track the policy)")
 
 
 class ValueHead(torch.nn.Module):
@@ -76,7 +78,7 @@ def train(cfg: PPOConfig) -> runs.FitResult:
         critic.lm.train()
     else:
         critic = ValueHead(s.policy.config.hidden_size)
-    s.add_module("critic", critic)
+    s.add_module("critic", critic, cfg.critic_lr or 10 * cfg.lr)
     loss_cfg = PolicyLossConfig(loss_type="bnpo", epsilon_low=cfg.cliprange, epsilon_high=cfg.cliprange,
                                 beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0, kl_estimator=cfg.kl_estimator)
 

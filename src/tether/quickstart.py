@@ -32,6 +32,8 @@ class QuickstartConfig(Config):
     dpo_steps: int = Field(260, ge=0, description="DPO optimizer steps (0: skip the stage)")
     dpo_lr: float = Field(1e-4, gt=0, description="DPO peak learning rate")
     dpo_loss_type: list[str] = Field(["sigmoid", "sft"], description="DPO loss types (sigmoid + sft: DPO with an NLL anchor, as RPO)")
+    grpo_steps: int = Field(40, ge=0, description="GRPO rollout steps from the SFT model (0: skip the stage)")
+    ppo_steps: int = Field(40, ge=0, description="PPO rollout steps from the SFT model (0: skip the stage)")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype; auto: bf16 where the CPU computes it natively")
     eval_samples: int = Field(300, ge=1, description="held-out prompts scored by greedy exact match")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
@@ -39,13 +41,13 @@ class QuickstartConfig(Config):
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    from . import dpo, reward, sft
+    from . import dpo, grpo, ppo, reward, sft
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = default_dtype() if cfg.dtype == "auto" else cfg.dtype
     common = dict(seed=cfg.seed, threads=cfg.threads, progress=cfg.progress, dtype=dtype, overwrite=True)
-    n_stages = 2 + (cfg.reward_steps > 0) + (cfg.dpo_steps > 0)
+    n_stages = 2 + sum(n > 0 for n in (cfg.reward_steps, cfg.dpo_steps, cfg.grpo_steps, cfg.ppo_steps))
     timings: dict[str, float] = {}
     stages: dict[str, list] = {}
     table: list[tuple[str, str, str, str]] = []  # stage, greedy accuracy, preference accuracy, model
@@ -94,6 +96,22 @@ def run(cfg: QuickstartConfig) -> dict:
         table.append(("DPO", f"{acc['dpo']:.1%}", f"{d.eval_after['pref_accuracy']:.1%} (implicit reward)",
                       str(d.final_dir)))
         final_dir = d.final_dir
+        k += 1
+    online = (("GRPO", cfg.grpo_steps, grpo.train, grpo.GRPOConfig), ("PPO", cfg.ppo_steps, ppo.train, ppo.PPOConfig))
+    for name, steps, train, cls in online:
+        if not steps:
+            continue
+        t0 = time.time()
+        print(f"[{k}/{n_stages}] {name} from the SFT model, exact-match reward")
+        o = train(cls(model=str(s.final_dir), output_dir=str(out / name.lower()), max_steps=steps,
+                      eval_samples=cfg.eval_samples, eval_every=max(1, steps // 4), **common))
+        timings[name.lower()] = time.time() - t0
+        stages[name.lower()] = read_metrics(o.run_dir / "metrics.jsonl")
+        acc[name.lower()] = o.eval_after["accuracy"]
+        last = [m for m in stages[name.lower()] if "reward" in m][-1]
+        extra[f"{name.lower()}_final"] = {"reward": last["reward"], "kl": last.get("kl")}
+        table.append((name, f"{acc[name.lower()]:.1%}", "", str(o.final_dir)))
+        k += 1
 
     from .report import write_report
 
@@ -107,8 +125,9 @@ def run(cfg: QuickstartConfig) -> dict:
     print()
     for a, b, c, _ in table:
         print(f"  {a:<14} accuracy {b or '-':>6}   {c}")
+    after = ", ".join(f"{k.upper()} {v:.1%}" for k, v in acc.items() if k not in ("pretrained", "sft"))
     print(f"held-out accuracy: pretrained {acc['pretrained']:.1%} -> SFT {acc['sft']:.1%}"
-          + (f" -> DPO {acc['dpo']:.1%}" if "dpo" in acc else "") + f"  ({s.eval_after['n']} prompts)")
+          + (f" -> {after}" if after else "") + f"  ({s.eval_after['n']} prompts)")
     print(f"checkpoint: {final_dir}")
     print(f"report:     {md}  (plot: {png})")
     return summary

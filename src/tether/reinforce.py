@@ -32,7 +32,8 @@ class ReinforceConfig(OnlineConfig):
     beta: float = Field(0.05, ge=0, description="KL coefficient")
     kl_penalty: Literal["loss", "reward"] = Field("reward", description="KL subtracted from the reward (sequence sum) or a loss term")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+    prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 
 
 def advantages(rewards: torch.Tensor, group_size: int, baseline: str) -> torch.Tensor:

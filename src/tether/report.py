@@ -8,7 +8,9 @@ from typing import Any
 # metric key -> panel title; panels appear for the keys a run logged
 PANELS = {"loss": "training loss", "eval_accuracy": "held-out exact-match accuracy",
           "eval_pref_accuracy": "held-out preference accuracy (DPO)",
-          "eval_pairwise_accuracy": "held-out pairwise accuracy (reward model)"}
+          "eval_pairwise_accuracy": "held-out pairwise accuracy (reward model)",
+          "reward": "mean sampled reward (online RL)", "kl": "KL(π_θ || π_ref) per sequence",
+          "entropy": "policy entropy per token", "completion_length": "completion length (tokens)"}
 
 
 def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -45,7 +46,15 @@ def arith_exact_match(prompts: list[str], completions: list[str], metadata: list
     return out
 
 
-REWARDS: dict[str, RewardFn] = {"exact_match": arith_exact_match}
+def answer_in_numbers(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+    """1.0 when ``metadata["answer"]`` is one of the completion's whole numbers (maximal digit runs)
+    anywhere, else 0.0: a lenient verifier (the peer benchmark's reward)."""
+    return [float(str(m["answer"]) in _DIGITS.findall(c)) for c, m in zip(completions, metadata)]
+
+
+_DIGITS = re.compile(r"\d+")
+
+REWARDS: dict[str, RewardFn] = {"exact_match": arith_exact_match, "answer_in_numbers": answer_in_numbers}
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""tether's GRPO (and PPO on the same batch) against TRL's GRPO, on the peer fixture and settings.
+
+    .venv/bin/python bench/bench_grpo.py [--fixture /tmp/peer-fixture] [--repeats 3] [--steps 10]
+
+Settings (shared/peer/README.md): the fixture's tiny Qwen2 and prompts.jsonl, 8 prompts × 8
+completions, 32 new tokens, temperature 1, β 0.04 (a reference model), ε 0.2, loss dapo, scale_rewards
+group, lr 1e-5 constant, fp32, 2 threads, reward 1 if the answer is among the completion's numbers.
+Each run is a fresh process; tether and TRL runs are interleaved; steady state excludes 2 steps.
+
+Variants:
+  grpo-same     identical semantics in fp32
+  grpo-default  tether's defaults where they differ: bf16 autocast where the CPU has it
+  ppo-same      PPO on the same batch (separate critic, 2 epochs × 2 mini-batches, fp32)
+  trl           shared/peer/bench_trl.py --trainers grpo (needs /tmp/peer-venv: bash shared/peer/setup.sh)
+
+Prints s/step, prompt+completion tokens/s, the time split (generation, reference, update), peak RSS.
+Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "peer"
+CHILD = """
+import json, resource, sys, time
+t_spawn = float(sys.argv[1])
+from tether.cli import main
+rc = main(sys.argv[3:])
+recs = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl") if '"loss"' in l]
+keys = ("wall", "tokens", "time/generate", "time/reference", "time/update", "time/reward")
+print(json.dumps({"rc": rc, "spawn": t_spawn, "recs": [{k: r.get(k, 0.0) for k in keys} for r in recs],
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
+    algo, mode = variant.split("-")
+    out = workdir / variant
+    args = [algo, f"model={fixture / 'model'}", f"data={fixture / 'prompts.jsonl'}", f"output_dir={out}",
+            "overwrite=true", "prompts_per_step=8", "num_generations=8", "max_new_tokens=32", "temperature=1.0",
+            "top_p=1.0", "top_k=0", "beta=0.04", "reward=answer_in_numbers", f"max_steps={steps}", "lr=1e-5",
+            "schedule=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1", "seed=0", "threads=2",
+            "eval_data=none", "progress=false", "report=false", "micro_batch_size=64"]
+    if algo == "grpo":
+        args += ["loss_type=dapo", "epsilon=0.2", "scale_rewards=group", "kl_penalty=loss", "kl_estimator=k3"]
+    if mode == "default":
+        from tether.modeling import default_dtype
+
+        args += [f"dtype={default_dtype()}"]
+    else:
+        args += ["dtype=fp32"]
+    t = time.time()
+    r = subprocess.run([sys.executable, "-c", CHILD, str(t), str(out), *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    recs = d["recs"]
+    walls = [x["wall"] for x in recs]
+    steady = [b - a for a, b in zip(walls, walls[1:])][1:]  # steps 3..N
+    rest = recs[2:]
+    split = {k: statistics.mean(x[f"time/{k}"] for x in rest) for k in ("generate", "reference", "update")}
+    return {"s_per_step": statistics.mean(steady), "tokens_per_s": sum(x["tokens"] for x in rest) / sum(steady),
+            "rss_mib": d["rss_mib"], "split": split}
+
+
+def trl_run(fixture: Path, steps: int, workdir: Path) -> dict | None:
+    py = Path("/tmp/peer-venv/bin/python")
+    if not py.exists():
+        return None
+    out = workdir / "trl-grpo.json"
+    r = subprocess.run([str(py), str(PEER / "bench_trl.py"), str(fixture), "--trainers", "grpo", "--grpo-steps",
+                        str(steps), "--repeats", "1", "--threads", "2", "--out", str(out), "--workdir",
+                        str(workdir / "trl")], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    res = json.loads(out.read_text())["trainers"]["grpo"]
+    gen = res["steady_generation_s_per_step"]
+    return {"s_per_step": res["steady_s_per_step"], "tokens_per_s": res["steady_tokens_per_s"],
+            "rss_mib": res["peak_rss_mib"], "split": {"generate": gen, "reference": float("nan"),
+                                                      "update": res["steady_s_per_step"] - gen}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fixture", type=Path, default=Path("/tmp/peer-fixture"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", default="grpo-same,grpo-default,ppo-same,trl")
+    args = ap.parse_args()
+    if not (args.fixture / "prompts.jsonl").is_file():
+        subprocess.run([sys.executable, str(PEER / "make_fixture.py"), str(args.fixture), "--force"], check=True,
+                       capture_output=True)
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-grpo-"))
+    variants = args.variants.split(",")
+    rows: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):
+        for v in variants:
+            r = trl_run(args.fixture, args.steps, work) if v == "trl" else tether_run(v, args.fixture, args.steps, work)
+            if r is not None:
+                rows.setdefault(v, []).append(r)
+                print(f"  repeat {rep + 1} {v:<13} {r['s_per_step']:.3f} s/step", file=sys.stderr)
+    trl = rows.get("trl")
+    trl_s = statistics.median(r["s_per_step"] for r in trl) if trl else None
+    print(f"{'variant':<13} {'s/step':>7} {'tok/s':>7} {'vs TRL GRPO':>11} {'generate':>9} {'reference':>9} "
+          f"{'update':>7} {'RSS MiB':>8}")
+    for v in variants:
+        rs = rows.get(v)
+        if not rs:
+            continue
+        med = sorted(rs, key=lambda r: r["s_per_step"])[len(rs) // 2]
+        sp = med["split"]
+        speed = f"{trl_s / med['s_per_step']:.2f}x" if trl_s else "-"
+        print(f"{v:<13} {med['s_per_step']:7.3f} {med['tokens_per_s']:7.0f} {speed:>11} {sp['generate']:9.3f} "
+              f"{sp['reference']:9.3f} {sp['update']:7.3f} {med['rss_mib']:8.0f}")
+    print(f"(median of {args.repeats} repeats, {args.steps} steps each; trl's 'update' is everything but generate; "
+          f"runs in {work})")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
