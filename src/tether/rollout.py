@@ -4,7 +4,7 @@ log-probs of every token out (seed §5's rollout phase).
 :class:`RolloutEngine` is the whole interface a trainer sees. :class:`TorchEngine` is the CPU (and
 single-GPU) implementation on the training model itself, with a KV cache, one batched forward per
 new token, logits only for the last position, and an early exit once every row has stopped. A vLLM
-engine (:mod:`tether.vllm_engine`) implements the same three methods; Ray workers can wrap either.
+engine or a Ray worker slots in by implementing the same methods.
 
 The log-probs are those of the distribution the token was drawn from before top-k/top-p truncation:
 log softmax(logits / temperature). That is what the trainer recomputes for the importance ratio
