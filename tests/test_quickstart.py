@@ -7,9 +7,11 @@ import pytest
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, embedded_model):
-    """The README's main job: SFT lands in the 20-60% band, then the reward model and DPO."""
+    """The README's main job: SFT lands in the 20-60% band, then the reward model, DPO, GRPO and PPO
+    (the online stages shortened here: their learning is tested in test_online_learning.py)."""
     out = tmp_path / "qs"
-    r = subprocess.run([sys.executable, "-m", "tether.cli", "quickstart", f"output_dir={out}", "progress=false"],
+    r = subprocess.run([sys.executable, "-m", "tether.cli", "quickstart", f"output_dir={out}", "progress=false",
+                        "grpo_steps=8", "ppo_steps=8"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out accuracy: pretrained" in r.stdout and "report:" in r.stdout and "checkpoint:" in r.stdout
@@ -18,7 +20,11 @@ def test_quickstart_end_to_end(tmp_path, embedded_model):
     assert 0.20 <= acc["sft"] <= 0.60 and acc["sft"] >= acc["pretrained"] + 0.15
     assert acc["dpo"] >= acc["sft"] + 0.05  # measured: 41.0% -> 51.7%
     assert summary["dpo_preference_accuracy"] >= 0.80 and summary["reward_pairwise_accuracy"] >= 0.65
-    assert "| DPO |" in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert all(f"| {stage} |" in report for stage in ("SFT", "DPO", "GRPO", "PPO"))
+    assert (out / "report.png").stat().st_size > 10_000
+    for stage in ("grpo", "ppo"):
+        assert 0 <= acc[stage] <= 1 and 0 <= summary[f"{stage}_final"]["kl"] < 1.0
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "sft" / "final")
