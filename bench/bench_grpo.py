@@ -20,27 +20,16 @@ Figures, not assertions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PEER = ROOT.parent / "shared" / "peer"
-CHILD = """
-import json, resource, sys, time
-t_spawn = float(sys.argv[1])
-from tether.cli import main
-rc = main(sys.argv[3:])
-recs = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl") if '"loss"' in l]
-keys = ("wall", "tokens", "time/generate", "time/reference", "time/update", "time/reward")
-print(json.dumps({"rc": rc, "spawn": t_spawn, "recs": [{k: r.get(k, 0.0) for k in keys} for r in recs],
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import ensure_fixture, run_tether, run_trl  # noqa: E402
+
+TIMES = ["time/generate", "time/reference", "time/update"]
 
 
 def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
@@ -51,6 +40,8 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
             "top_p=1.0", "top_k=0", "beta=0.04", "reward=answer_in_numbers", f"max_steps={steps}", "lr=1e-5",
             "schedule=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1", "seed=0", "threads=2",
             "eval_data=none", "progress=false", "report=false", "micro_batch_size=64"]
+    if algo == "ppo":
+        args += ["epochs=2", "mini_batches=2"]
     if algo == "grpo":
         args += ["loss_type=dapo", "epsilon=0.2", "scale_rewards=group", "kl_penalty=loss", "kl_estimator=k3"]
     if mode == "default":
@@ -59,11 +50,7 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
         args += [f"dtype={default_dtype()}"]
     else:
         args += ["dtype=fp32"]
-    t = time.time()
-    r = subprocess.run([sys.executable, "-c", CHILD, str(t), str(out), *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d = run_tether(out, ["tokens", *TIMES], args)
     recs = d["recs"]
     walls = [x["wall"] for x in recs]
     steady = [b - a for a, b in zip(walls, walls[1:])][1:]  # steps 3..N
@@ -74,16 +61,9 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
 
 
 def trl_run(fixture: Path, steps: int, workdir: Path) -> dict | None:
-    py = Path("/tmp/peer-venv/bin/python")
-    if not py.exists():
+    res = run_trl("grpo", fixture, steps, workdir)
+    if res is None:
         return None
-    out = workdir / "trl-grpo.json"
-    r = subprocess.run([str(py), str(PEER / "bench_trl.py"), str(fixture), "--trainers", "grpo", "--grpo-steps",
-                        str(steps), "--repeats", "1", "--threads", "2", "--out", str(out), "--workdir",
-                        str(workdir / "trl")], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    res = json.loads(out.read_text())["trainers"]["grpo"]
     gen = res["steady_generation_s_per_step"]
     return {"s_per_step": res["steady_s_per_step"], "tokens_per_s": res["steady_tokens_per_s"],
             "rss_mib": res["peak_rss_mib"], "split": {"generate": gen, "reference": float("nan"),
@@ -97,9 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--variants", default="grpo-same,grpo-default,ppo-same,trl")
     args = ap.parse_args()
-    if not (args.fixture / "prompts.jsonl").is_file():
-        subprocess.run([sys.executable, str(PEER / "make_fixture.py"), str(args.fixture), "--force"], check=True,
-                       capture_output=True)
+    ensure_fixture(args.fixture)
     work = Path(tempfile.mkdtemp(prefix="tether-bench-grpo-"))
     variants = args.variants.split(",")
     rows: dict[str, list[dict]] = {}

@@ -19,26 +19,14 @@ Figures, not assertions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PEER = ROOT.parent / "shared" / "peer"
-CHILD = """
-import json, resource, sys, time
-t_spawn = float(sys.argv[1])
-from tether.cli import main
-rc = main(sys.argv[3:])
-recs = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl") if '"loss"' in l]
-print(json.dumps({"rc": rc, "spawn": t_spawn, "walls": [r["wall"] for r in recs], "tokens": [r["tokens"] for r in recs],
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import ensure_fixture, run_tether, run_trl  # noqa: E402
 
 
 def tether_run(kind: str, variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
@@ -54,35 +42,22 @@ def tether_run(kind: str, variant: str, fixture: Path, steps: int, workdir: Path
         from tether.modeling import default_dtype
 
         args += [f"dtype={default_dtype()}"]
-    t = time.time()
-    r = subprocess.run([sys.executable, "-c", CHILD, str(t), str(out), *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    d = json.loads(r.stdout.strip().splitlines()[-1])
-    walls = d["walls"]
+    d = run_tether(out, ["tokens"], args)
+    walls = [x["wall"] for x in d["recs"]]
     step_s = [b - a for a, b in zip(walls, walls[1:])]  # step i = wall[i] - wall[i-1], i >= 2
     steady = step_s[1:]  # steps 3..N
-    toks = d["tokens"][2:]
+    toks = [x["tokens"] for x in d["recs"]][2:]
     return {"s_per_step": statistics.mean(steady), "tokens_per_s": sum(toks) / sum(steady), "rss_mib": d["rss_mib"],
             "start_to_first_step_s": walls[0] - d["spawn"]}
 
 
 def trl_run(kind: str, fixture: Path, steps: int, workdir: Path) -> dict | None:
-    py = Path("/tmp/peer-venv/bin/python")
-    if not py.exists():
+    res = run_trl(kind, fixture, steps, workdir)
+    if res is None:
         return None
-    out = workdir / f"trl-{kind}.json"
-    t = time.time()
-    r = subprocess.run([str(py), str(PEER / "bench_trl.py"), str(fixture), "--trainers", kind, f"--{kind}-steps",
-                        str(steps), "--repeats", "1", "--threads", "2", "--out", str(out), "--workdir",
-                        str(workdir / "trl")], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    res = json.loads(out.read_text())["trainers"][kind]
     setup = sum(res["setup_s"].values())
     return {"s_per_step": res["steady_s_per_step"], "tokens_per_s": res["steady_tokens_per_s"],
-            "rss_mib": res["peak_rss_mib"], "start_to_first_step_s": setup + res["first_steps_s"][0],
-            "_wall": time.time() - t}
+            "rss_mib": res["peak_rss_mib"], "start_to_first_step_s": setup + res["first_steps_s"][0]}
 
 
 def main() -> None:
@@ -92,9 +67,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--kinds", default="dpo,reward")
     args = ap.parse_args()
-    if not (args.fixture / "prefs.jsonl").is_file():
-        subprocess.run([sys.executable, str(PEER / "make_fixture.py"), str(args.fixture), "--force"], check=True,
-                       capture_output=True)
+    ensure_fixture(args.fixture)
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     rows: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from . import runs
-from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages, policy_loss
-from .online import OnlineConfig, Session
+from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages
+from .online import OnlineConfig, Session, token_means
 
 
 class GRPOConfig(OnlineConfig):
@@ -58,17 +57,6 @@ def train(cfg: GRPOConfig) -> runs.FitResult:
             rewards = rewards + s.kl_reward(exp).sum(-1)
         adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # 3. group-relative A
 
-        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
-            logps, entropy = s.logps(s.policy, roll, rows)
-            ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
-            loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
-                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok)
-            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum()}
-
-        metrics = s.update(exp, loss_fn)                                      # 4. clipped updates
-        tokens = max(metrics.pop("tokens"), 1.0)
-        for k in ("kl_sum", "clip_low", "clip_high", "entropy_sum"):
-            if k in metrics:
-                metrics[k.removesuffix("_sum")] = metrics.pop(k) / tokens     # token means
-        s.end_step(step, exp, {**reward_metrics, **metrics, "advantage_abs": float(adv.abs().mean())})
+        metrics = s.update(exp, s.policy_loss_fn(exp, adv, loss_cfg))        # 4. clipped updates
+        s.end_step(step, exp, {**reward_metrics, **token_means(metrics), "advantage_abs": float(adv.abs().mean())})
     return s.finish()

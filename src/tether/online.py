@@ -28,7 +28,7 @@ from . import runs
 from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, read_rows
 from .evaluate import load_eval_rows
-from .losses.policy import kl_estimate
+from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import make_rewards
 from .rollout import Rollout, SamplingParams, TorchEngine
@@ -268,6 +268,20 @@ class Session:
         self.timings["time/update"] = time.perf_counter() - t
         return out
 
+    def policy_loss_fn(self, exp: Experience, adv: torch.Tensor, loss_cfg: PolicyLossConfig):
+        """:meth:`update`'s loss for advantages ``adv`` ((N,) or (N, L)): the importance-weighted policy
+        loss of :func:`tether.losses.policy.policy_loss`, against π_old = sg(π_θ) while on-policy and
+        the stored sampling log-probs after that; the entropy rides along for the logs."""
+
+        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
+            logps, entropy = self.logps(self.policy, exp.rollout, rows)
+            ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
+            loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
+                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok)
+            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum()}
+
+        return loss_fn
+
     def end_step(self, step: int, exp: Experience, metrics: dict[str, float]) -> None:
         """Log (reward, accuracy of the samples, KL, entropy, lengths, timings), evaluate,
         checkpoint, honour stop_at_step."""
@@ -334,6 +348,16 @@ class Session:
                 summary["held-out accuracy"] = f"{result.eval_before['accuracy']:.1%} -> {result.eval_after['accuracy']:.1%}"
             write_report(self.run_dir, self.name, read_metrics(self.run_dir / "metrics.jsonl"), summary)
         return result
+
+
+def token_means(metrics: dict[str, float]) -> dict[str, float]:
+    """Turn the token sums that :meth:`Session.update` averaged over updates (``kl_sum``,
+    ``clip_low``, ``entropy_sum``…) into per-token means, dividing by the ``tokens`` entry."""
+    out = dict(metrics)
+    tokens = max(out.pop("tokens", 1.0), 1.0)
+    for k in [k for k in out if k.endswith("_sum") or k.startswith("clip_")]:
+        out[k.removesuffix("_sum")] = out.pop(k) / tokens
+    return out
 
 
 def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,

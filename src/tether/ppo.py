@@ -20,7 +20,7 @@ from pydantic import Field
 
 from . import runs
 from .losses.policy import PolicyLossConfig, gae, policy_loss, value_loss, whiten
-from .online import Experience, OnlineConfig, Session, sequence_rewards_to_tokens
+from .online import Experience, OnlineConfig, Session, sequence_rewards_to_tokens, token_means
 
 
 class PPOConfig(OnlineConfig):
@@ -118,11 +118,7 @@ def train(cfg: PPOConfig) -> runs.FitResult:
             return pl + cfg.vf_coef * vl, m
 
         metrics = s.update(exp, loss_fn)                                         # 4. epochs × mini-batches
-        tokens = max(metrics.pop("tokens"), 1.0)
-        for k in ("kl_sum", "clip_low", "clip_high", "entropy_sum", "ratio_dev_sum"):
-            if k in metrics:
-                metrics[k.removesuffix("_sum")] = metrics.pop(k) / tokens
-        s.end_step(step, exp, {**reward_metrics, **metrics, **_value_stats(exp, old_v, returns)})
+        s.end_step(step, exp, {**reward_metrics, **token_means(metrics), **_value_stats(exp, old_v, returns)})
     return s.finish()
 
 

@@ -18,8 +18,8 @@ import torch
 from pydantic import Field
 
 from . import runs
-from .losses.policy import PolicyLossConfig, group_advantages, leave_one_out_advantages, policy_loss
-from .online import OnlineConfig, Session
+from .losses.policy import PolicyLossConfig, group_advantages, leave_one_out_advantages
+from .online import OnlineConfig, Session, token_means
 
 
 class ReinforceConfig(OnlineConfig):
@@ -58,17 +58,6 @@ def train(cfg: ReinforceConfig) -> runs.FitResult:
             rewards = rewards + s.kl_reward(exp).sum(-1)                      # r - β Σ_t KL_t
         adv = advantages(rewards, cfg.num_generations, cfg.baseline)          # 3. r - baseline
 
-        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
-            logps, entropy = s.logps(s.policy, roll, rows)
-            ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
-            loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
-                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok)
-            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum()}
-
-        metrics = s.update(exp, loss_fn)                                      # 4. update
-        tokens = max(metrics.pop("tokens"), 1.0)
-        for k in ("kl_sum", "clip_low", "clip_high", "entropy_sum"):
-            if k in metrics:
-                metrics[k.removesuffix("_sum")] = metrics.pop(k) / tokens
-        s.end_step(step, exp, {**reward_metrics, **metrics})
+        metrics = s.update(exp, s.policy_loss_fn(exp, adv, loss_cfg))        # 4. update
+        s.end_step(step, exp, {**reward_metrics, **token_means(metrics)})
     return s.finish()
