@@ -80,3 +80,12 @@ def test_reward_models_learn_arithmetic_preferences(tmp_path):
                                                     progress=False, report=False, dtype=default_dtype()))
     assert a.eval_after["mse"] < 0.2 * a.eval_before["mse"]
     assert a.eval_after["rank_accuracy"] >= 0.65
+
+
+def test_lm_regularised_reward_model_logs_and_lowers_its_nll(tiny_model, tmp_path):
+    cfg = reward.RewardConfig(model=str(tiny_model), output_dir=str(tmp_path / "rm"), max_steps=6, batch_size=8,
+                              micro_batch_size=8, arith_pairs=32, eval_data="none", progress=False, lr=3e-3,
+                              lm_coef=1.0, report=False)
+    r = reward.train(cfg)
+    nll = [json.loads(x)["lm_nll"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if "lm_nll" in x]
+    assert len(nll) == 6 and nll[-1] < nll[0]  # the LM term trains the backbone through the tied embeddings

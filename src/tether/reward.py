@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from . import runs
-from .data import Example, PairExample, collate, collate_pairs
+from .data import IGNORE, Example, PairExample, collate, collate_pairs
 from .losses.pairwise import bradley_terry_loss
 from .modeling import autocast, load_tokenizer, packed_pair_hidden, padding_id, resolve_model_path
 from .preference import PairsConfig, load_pairs
@@ -32,6 +32,7 @@ class RewardConfig(PairsConfig):
     output_dir: str = Field("runs/reward", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
     eval_pairs: int = Field(300, ge=1, description="held-out pairs scored for pairwise accuracy")
     center_coef: float = Field(0.0, ge=0, description="reward centering: + coef · E[(r_c + r_r)²]")
+    lm_coef: float = Field(0.0, ge=0, description="+ coef · NLL of the chosen completions through the tied embeddings: keeps the backbone a language model (hidden-state regularisation, Yang et al. 2024)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
 
@@ -53,12 +54,16 @@ def _head(model) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__}: no 'score' or 'classifier' head")
 
 
+def _hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions 0.. per row
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state  # (B, T, H)
+
+
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r = head(h_last) for each row: (B, num_labels), h_last the hidden state of the rightmost
     real token (attention_mask == 1), whatever the padding side. Only B rows reach the head."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions 0.. per row
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = _hidden(model, input_ids, attention_mask)
     T = attention_mask.shape[1]
     last = T - 1 - attention_mask.flip(-1).argmax(-1)  # index of the rightmost 1 in each row
     return _head(model)(hidden[torch.arange(len(last)), last])
@@ -93,11 +98,23 @@ class RewardScorer:
 # Training
 # ---------------------------------------------------------------------------------------------
 def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp32",
-                 shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 shared_prompt: bool = True, lm_nll: bool = False):
     """(r_chosen (B,), r_rejected (B,)) in one forward: one row per pair with the prompt computed
-    once (``shared_prompt``, :func:`tether.data.collate_pairs`), or chosen and rejected rows."""
+    once (``shared_prompt``, :func:`tether.data.collate_pairs`), or chosen and rejected rows. With
+    ``lm_nll``, also the mean NLL of the chosen completions under the tied embeddings (a third output)."""
     B = len(pairs)
     with autocast(dtype):
+        if lm_nll:
+            chosen, rejected = zip(*(p.rows() for p in pairs))
+            b = collate([*chosen, *rejected], pad_id)
+            hidden = _hidden(model, b.input_ids, b.attention_mask)
+            T = b.attention_mask.shape[1]
+            last = T - 1 - b.attention_mask.flip(-1).argmax(-1)
+            r = _head(model)(hidden[torch.arange(2 * B), last])[:, 0].float()
+            sel = b.targets[:B] != IGNORE
+            logits = model.base_model.get_input_embeddings().weight  # tied: the LM head's weights
+            nll = torch.nn.functional.cross_entropy((hidden[:B][sel] @ logits.T).float(), b.targets[:B][sel])
+            return r[:B], r[B:], nll
         if shared_prompt:
             b = collate_pairs(pairs, pad_id)
             h = packed_pair_hidden(model, b)
@@ -132,6 +149,9 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     model.config.pad_token_id = pad = padding_id(tokenizer)
     model.train()
 
+    if cfg.lm_coef and not getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("lm_coef needs a model whose LM head is tied to its input embeddings "
+                         "(a sequence-classification checkpoint keeps no separate LM head)")
     pairs, stats = load_pairs(cfg, tokenizer, rows)
     margins = _margins(cfg, rows)
     if margins is not None and len(margins) != len(pairs):
@@ -142,8 +162,12 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
         totals: dict[str, float] = {}
         for j in range(0, len(idx), cfg.micro_batch_size):
             mb = idx[j:j + cfg.micro_batch_size]
-            rc, rr = pair_rewards(model, [pairs[i] for i in mb], pad, cfg.dtype, cfg.shared_prompt)
+            out = pair_rewards(model, [pairs[i] for i in mb], pad, cfg.dtype, cfg.shared_prompt, cfg.lm_coef > 0)
+            rc, rr = out[0], out[1]
             loss, metrics = bradley_terry_loss(rc, rr, margins[mb] if margins is not None else None, cfg.center_coef)
+            if cfg.lm_coef:
+                loss = loss + cfg.lm_coef * out[2]
+                metrics["lm_nll"] = out[2].detach()
             share = len(mb) / len(idx)  # the mean over the step's pairs, however it is split
             (loss * share).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
