@@ -157,3 +157,16 @@ def test_bad_prompt_rows_are_refused(tiny_model, tmp_path):
     bad.write_text(json.dumps({"question": "no prompt key"}) + "\n")
     with pytest.raises(ValueError, match="prompt"):
         grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, data=str(bad)))
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo", "reinforce"])
+def test_cli_commands(tiny_model, tmp_path, capsys, command):
+    from tether.cli import main
+
+    out = tmp_path / command
+    rc = main([command, f"model={tiny_model}", f"output_dir={out}", "max_steps=2", "prompts_per_step=2",
+               "num_generations=2", "max_new_tokens=4", "eval_samples=4", "progress=false"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy:" in text and str(out / "final") in text
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import runs
 from .losses.policy import PolicyLossConfig, group_advantages, leave_one_out_advantages
@@ -34,6 +34,13 @@ class ReinforceConfig(OnlineConfig):
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
+
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.baseline == "loo" and self.num_generations < 2:
+            raise ValueError("baseline=loo needs num_generations >= 2 (the others' mean is the baseline)")
+        return self
 
 
 def advantages(rewards: torch.Tensor, group_size: int, baseline: str) -> torch.Tensor:
