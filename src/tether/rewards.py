@@ -18,17 +18,19 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 
-from .arith import extract_answer
+from . import verifiers
+from .verifiers import Verdict, final_number_equal
 
 log = logging.getLogger(__name__)
 
-RewardValue = float | int | None
+RewardValue = float | int | Verdict | None
 
 
 class RewardFn(Protocol):
@@ -36,14 +38,10 @@ class RewardFn(Protocol):
                  metadata: list[dict[str, Any]]) -> Sequence[RewardValue]: ...
 
 
-def arith_exact_match(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+def arith_exact_match(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[Verdict]:
     """1.0 when the completion's final integer equals ``metadata["answer"]`` (the arithmetic
-    world's verifier, :func:`tether.arith.extract_answer`), else 0.0."""
-    out = []
-    for c, m in zip(completions, metadata):
-        got = extract_answer(c)
-        out.append(float(got is not None and got == int(m["answer"])))
-    return out
+    world's verifier, :func:`tether.verifiers.final_number_equal`), else 0.0."""
+    return [final_number_equal(c, m["answer"]) for c, m in zip(completions, metadata)]
 
 
 def answer_in_numbers(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[float]:
@@ -54,7 +52,9 @@ def answer_in_numbers(prompts: list[str], completions: list[str], metadata: list
 
 _DIGITS = re.compile(r"\d+")
 
-REWARDS: dict[str, RewardFn] = {"exact_match": arith_exact_match, "answer_in_numbers": answer_in_numbers}
+REWARDS: dict[str, RewardFn] = {
+    "exact_match": arith_exact_match, "answer_in_numbers": answer_in_numbers, "math": verifiers.math_reward,
+    "qa_em": verifiers.qa_em_reward, "qa_f1": verifiers.qa_f1_reward, "format": verifiers.format_reward}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RewardSet:
         dropped = torch.zeros(n, dtype=torch.bool)
         metrics: dict[str, float] = {}
         for name, fn in self.fns.items():
-            values, invalid = self._score(name, fn, prompts, completions, metadata)
+            values, invalid, reasons = self._score(name, fn, prompts, completions, metadata)
             w = self.weights.get(name, 1.0)
             if self.on_invalid == "drop":
                 dropped |= invalid
@@ -82,12 +82,15 @@ class RewardSet:
             ok = values[~invalid]
             metrics[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
             metrics[f"reward/{name}/invalid"] = float(invalid.sum())
+            for reason, count in reasons.items():  # a verifier's verdicts: why the scores are what they are
+                metrics[f"reward/{name}/{reason}"] = float(count)
         total[dropped] = float("nan")
         metrics["reward/dropped"] = float(dropped.sum())
         return total, metrics
 
     @staticmethod
-    def _score(name: str, fn: RewardFn, prompts, completions, metadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(name: str, fn: RewardFn, prompts, completions, metadata
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         try:
             raw = list(fn(prompts, completions, metadata))
             if len(raw) != len(completions):
@@ -95,15 +98,18 @@ class RewardSet:
         except Exception as e:  # noqa: BLE001 - a broken reward must not kill the run; it is counted
             log.warning("reward %r raised %s: %s; its %d scores count as invalid", name, type(e).__name__, e,
                         len(completions))
-            return torch.zeros(len(completions)), torch.ones(len(completions), dtype=torch.bool)
+            return torch.zeros(len(completions)), torch.ones(len(completions), dtype=torch.bool), {}
+        reasons = dict(Counter(v.reason for v in raw if isinstance(v, Verdict)))
         values = torch.tensor([_as_float(v) for v in raw], dtype=torch.float32)
         invalid = ~torch.isfinite(values)
-        return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), invalid
+        return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), invalid, reasons
 
 
 def _as_float(v: Any) -> float:
     if v is None:
         return math.nan
+    if isinstance(v, Verdict):
+        return v.score
     try:
         return float(v)
     except (TypeError, ValueError):
