@@ -26,7 +26,8 @@ def metrics(run_dir):
 # ---------------------------------------------------------------------------------------------
 def test_exact_match_reward():
     got = arith_exact_match(["q"] * 3, [" 3 + 4 = 7", " 3 + 4 = 8", "no number"], [{"answer": 7}] * 3)
-    assert got == [1.0, 0.0, 0.0]
+    assert [v.score for v in got] == [1.0, 0.0, 0.0]
+    assert [v.reason for v in got] == ["correct", "wrong", "no_answer"]
 
 
 def _bad(prompts, completions, meta):
