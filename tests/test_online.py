@@ -108,7 +108,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
 
 @pytest.mark.parametrize("cls,module,extra", [
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2)),
-    (ppo.PPOConfig, ppo, dict(kl_target=0.05)),
+    (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
 ])
 def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, extra):
     full = module.train(small(cls, tiny_model, tmp_path / "a", max_steps=4, eval_data="none", **extra))
@@ -171,3 +171,73 @@ def test_cli_commands(tiny_model, tmp_path, capsys, command):
     text = capsys.readouterr().out
     assert "held-out accuracy:" in text and str(out / "final") in text
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# model-based rewards online, normalisation
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_tokenizer_rm(tmp_path_factory, tiny_build_config):
+    """A reward model whose tokenizer differs from the policy's (another vocabulary size)."""
+    from tether import reward
+    from tether.embedded import build_init
+
+    base = tmp_path_factory.mktemp("other") / "model"
+    build_init(tiny_build_config.model_copy(update={"vocab_size": 1024}), base)
+    r = reward.train(reward.RewardConfig(model=str(base), output_dir=str(base.parent / "rm"), max_steps=2,
+                                         batch_size=4, micro_batch_size=4, arith_pairs=8, eval_data="none",
+                                         progress=False, report=False))
+    return r.final_dir
+
+
+def test_a_reward_model_with_another_tokenizer_scores_text_in_rl(tiny_model, tmp_path, other_tokenizer_rm):
+    from tether.modeling import load_tokenizer
+    from tether.reward import RewardScorer
+
+    assert len(load_tokenizer(other_tokenizer_rm)) != len(load_tokenizer(tiny_model))
+    rs = make_rewards({f"rm:{other_tokenizer_rm}": 1.0, "exact_match": 0.5})
+    prompts, texts = ["Question: What is 3 + 4?\nAnswer:"] * 2, [" 3 + 4 = 7", " 3 + 4 = 9"]
+    r, m = rs(prompts, texts, [{"answer": 7}] * 2)
+    direct = RewardScorer(other_tokenizer_rm)(prompts, texts)
+    torch.testing.assert_close(r, direct + torch.tensor([0.5, 0.0]))
+    run = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, reward=f"rm:{other_tokenizer_rm}", eval_data="none"))
+    recs = [x for x in metrics(run.run_dir) if "loss" in x]
+    assert len(recs) == 3 and all(x["reward_std"] > 0 for x in recs)  # the RM's scores vary: it is scoring
+    assert f"reward/rm:{other_tokenizer_rm}/std" in recs[0] and "reward/rm" in "".join(recs[0])
+
+
+def test_judge_and_attribute_models_as_rewards(tiny_model):
+    from tether.judge import Judge
+
+    rs = make_rewards(f"judge:{tiny_model}")
+    prompts, texts = ["Question: What is 3 + 4?\nAnswer:"] * 2, [" 3 + 4 = 7", " 3 + 4 = 9"]
+    r, _ = rs(prompts, texts, [{}] * 2)
+    torch.testing.assert_close(r, Judge(tiny_model)(prompts, texts))
+    with pytest.raises(ValueError, match="rm:PATH"):
+        make_rewards("judg:/x")
+
+
+def test_running_reward_normalisation():
+    from tether.rewards import RunningNorm
+
+    norm = RunningNorm()
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, float("nan"), 6.0])
+    norm(a)
+    out = norm(b)
+    everything = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])
+    torch.testing.assert_close(out[[0, 2]], (b[[0, 2]] - everything.mean()) / (everything.std() + 1e-6))
+    assert torch.isnan(out[1])
+    state = norm.state_dict()
+    again = RunningNorm()
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(torch.tensor([5.0])), norm(torch.tensor([5.0])))
+
+
+def test_length_reward_correlation_guard():
+    from tether.rewards import length_correlation
+
+    lengths = torch.tensor([1, 2, 3, 4, 5])
+    assert length_correlation(lengths, torch.tensor([1.0, 2, 3, 4, 5])) == pytest.approx(1.0)
+    assert length_correlation(lengths, torch.tensor([5.0, 4, 3, 2, 1])) == pytest.approx(-1.0)
+    assert length_correlation(lengths, torch.tensor([1.0, 1, 1, 1, 1])) == 0.0
+    assert length_correlation(lengths, torch.tensor([1.0, float("nan"), 3, 4, 5])) == pytest.approx(1.0)

@@ -30,7 +30,7 @@ from .data import DataError, EpochSampler, read_rows
 from .evaluate import load_eval_rows
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
-from .rewards import make_rewards
+from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
 
@@ -60,6 +60,7 @@ class OnlineConfig(runs.RunConfig):
     reward: str | dict[str, float] = Field("exact_match", description="reward name, or {name: weight} for a weighted sum")
     reward_on_invalid: Literal["fallback", "drop"] = Field("fallback", description="a None/NaN/inf score or a raising reward: use reward_fallback, or drop the sample")
     reward_fallback: float = Field(0.0, description="score given to an invalid one under reward_on_invalid=fallback")
+    reward_normalize: bool = Field(False, description="normalise the total reward by its running mean and std (state kept in checkpoints)")
     mask_truncated_completions: bool = Field(False, description="no loss on completions that hit max_new_tokens without EOS")
     eval_data: str = Field("auto", description="'arith', a file of {prompt, answer} rows, 'none', or 'auto' (arith when data=arith)")
     eval_samples: int = Field(200, ge=1, description="held-out prompts scored by greedy exact match")
@@ -115,6 +116,7 @@ class Session:
         self.engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype, seed=cfg.seed)
         self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations)
         self.rewards = make_rewards(cfg.reward, cfg.reward_on_invalid, cfg.reward_fallback)
+        self.reward_norm = RunningNorm()
         self.prompts, self.metadata = self._load_prompts()
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.kl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
@@ -147,6 +149,7 @@ class Session:
             self.sampler.load_state_dict(self.state["sampler"])
             self.engine.load_state_dict(self.state["engine"])
             self.kl.beta = self.state["kl_beta"]
+            self.reward_norm.load_state_dict(self.state["reward_norm"])
             for k, m in self.modules.items():
                 m.load_state_dict(self.state["modules"][k])
             self.start = self.state["step"]
@@ -203,6 +206,10 @@ class Session:
         prompts = [self.prompts[i] for i in idx for _ in range(n)]
         meta = [self.metadata[i] for i in idx for _ in range(n)]
         rewards, metrics = self.rewards(prompts, roll.texts, meta)
+        metrics["reward/length_corr"] = length_correlation(roll.mask.sum(-1), rewards)  # reward-hacking guard
+        if self.cfg.reward_normalize:
+            metrics["reward/raw_mean"] = float(rewards.nanmean())
+            rewards = self.reward_norm(rewards)
         self.timings["time/reward"] = time.perf_counter() - t
         return rewards, metrics
 
@@ -305,6 +312,7 @@ class Session:
         stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
         if stop or step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
             extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(), "kl_beta": self.kl.beta,
+                     "reward_norm": self.reward_norm.state_dict(),
                      "modules": {k: m.state_dict() for k, m in self.modules.items()}}
             runs.save(cfg, self.run_dir, step, self.policy, self.tokenizer, self.optimizer, self.scheduler, extra)
         if stop:

@@ -81,7 +81,9 @@ class RewardSet:
             total += w * values.masked_fill(invalid, self.fallback)
             ok = values[~invalid]
             metrics[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
+            metrics[f"reward/{name}/std"] = float(ok.std()) if len(ok) > 1 else 0.0
             metrics[f"reward/{name}/invalid"] = float(invalid.sum())
+            metrics[f"reward/{name}/invalid_frac"] = float(invalid.float().mean()) if n else 0.0
             for reason, count in reasons.items():  # a verifier's verdicts: why the scores are what they are
                 metrics[f"reward/{name}/{reason}"] = float(count)
         total[dropped] = float("nan")
@@ -116,13 +118,103 @@ def _as_float(v: Any) -> float:
         return math.nan
 
 
+class ModelReward:
+    """A trained scorer as a reward: batched, without gradients, on text, so its tokenizer need not
+    be the policy's. ``kind``: ``rm`` (Bradley-Terry), ``attributes`` (weighted scalar of a
+    regression-head model), ``judge`` (log p(yes) - log p(no))."""
+
+    def __init__(self, kind: str, path: str):
+        from pathlib import Path
+
+        self.kind, self.path = kind, path
+        if kind == "rm":
+            from .reward import RewardScorer
+
+            self.scorer = RewardScorer(path)
+        elif kind == "judge":
+            from .judge import Judge
+
+            self.scorer = Judge(path)
+        elif kind == "attributes":
+            from .attributes import AttributeScorer
+
+            names, weights = _attribute_setup(Path(path))
+            self.scorer = AttributeScorer(path, names, weights)
+        else:
+            raise ValueError(f"unknown model reward kind {kind!r}: rm, attributes or judge")
+
+    def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+        with torch.no_grad():
+            return self.scorer(prompts, completions).float().tolist()
+
+
+def _attribute_setup(path) -> tuple[list[str], torch.Tensor | None]:
+    """Attribute names and weights of a trained attributes model, from its run's config.yaml."""
+    import yaml
+
+    from .arith import ATTRIBUTES
+
+    for cfg_file in (path / "config.yaml", path.parent / "config.yaml"):
+        if cfg_file.is_file():
+            cfg = yaml.safe_load(cfg_file.read_text()) or {}
+            names = cfg.get("attributes") or list(ATTRIBUTES)
+            w = cfg.get("attribute_weights")
+            return names, torch.tensor(w, dtype=torch.float32) if w else None
+    return list(ATTRIBUTES), None
+
+
 def make_rewards(spec: str | dict[str, float], on_invalid: str = "fallback", fallback: float = 0.0,
                  registry: dict[str, RewardFn] | None = None) -> RewardSet:
-    """A :class:`RewardSet` from a config value: a name (``"exact_match"``) or ``{name: weight}``."""
+    """A :class:`RewardSet` from a config value: a name (``"exact_match"``) or ``{name: weight}``.
+    ``rm:PATH``, ``attributes:PATH`` and ``judge:PATH`` load a trained model as a reward."""
     reg = registry or REWARDS
     weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
-    unknown = [k for k in weights if k not in reg]
+    fns: dict[str, RewardFn] = {}
+    unknown = []
+    for name in weights:
+        kind, sep, path = name.partition(":")
+        if sep and kind in ("rm", "attributes", "judge"):
+            fns[name] = ModelReward(kind, path)
+        elif name in reg:
+            fns[name] = reg[name]
+        else:
+            unknown.append(name)
     if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(reg)}")
-    return RewardSet({k: reg[k] for k in weights}, weights, on_invalid, fallback)  # type: ignore[arg-type]
+        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(reg)}, or rm:PATH, attributes:PATH, judge:PATH")
+    return RewardSet(fns, weights, on_invalid, fallback)  # type: ignore[arg-type]
+
+
+def length_correlation(lengths: torch.Tensor, rewards: torch.Tensor) -> float:
+    """Pearson correlation of completion length and reward over the scored samples (0 when either is
+    constant): a policy gaming a length-biased reward shows it here first."""
+    ok = ~torch.isnan(rewards)
+    x, y = lengths.float()[ok], rewards[ok].float()
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+
+class RunningNorm:
+    """Running mean and variance of rewards (Chan et al.'s parallel update), to normalise them as
+    (r - mean) / (std + eps). Its state is saved in checkpoints."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def __call__(self, r: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        ok = r[~torch.isnan(r)].double()
+        if len(ok):
+            n, mean = float(len(ok)), float(ok.mean())
+            delta, total = mean - self.mean, self.count + n
+            self.m2 += float(((ok - mean) ** 2).sum()) + delta ** 2 * self.count * n / total
+            self.mean += delta * n / total
+            self.count = total
+        std = (self.m2 / max(self.count - 1, 1.0)) ** 0.5
+        return (r - self.mean) / (std + eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
