@@ -54,7 +54,8 @@ _DIGITS = re.compile(r"\d+")
 
 REWARDS: dict[str, RewardFn] = {
     "exact_match": arith_exact_match, "answer_in_numbers": answer_in_numbers, "math": verifiers.math_reward,
-    "qa_em": verifiers.qa_em_reward, "qa_f1": verifiers.qa_f1_reward, "format": verifiers.format_reward}
+    "qa_em": verifiers.qa_em_reward, "qa_f1": verifiers.qa_f1_reward, "format": verifiers.format_reward,
+    "code": verifiers.code_reward}
 
 
 @dataclass

@@ -9,6 +9,7 @@ run shows *why* its rewards are what they are. Registered as reward functions (`
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections import Counter
@@ -128,3 +129,29 @@ def qa_f1_reward(prompts: list[str], completions: list[str], metadata: list[dict
 
 def format_reward(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[Verdict]:
     return [format_ok(c, m.get("format", ANSWER_TAG)) for c, m in zip(completions, metadata)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Code: run the completion against the row's tests in the sandbox (tether.sandbox)
+# ---------------------------------------------------------------------------------------------
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+_POOL = None
+
+
+def extract_code(completion: str) -> str:
+    """The last fenced code block of the completion, or the whole completion when there is none."""
+    blocks = _CODE_BLOCK.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+def code_reward(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[Verdict]:
+    """The fraction of ``metadata["tests"]`` (Python statements such as ``assert f(2) == 4``) that
+    the completion's code passes, run in parallel sandboxes. A sandbox failure is not a wrong answer:
+    its score is NaN, so the reward set's invalid-score policy applies (reason ``error``)."""
+    global _POOL
+    from .sandbox import SandboxPool
+
+    if _POOL is None:
+        _POOL = SandboxPool(workers=max(1, min(8, os.cpu_count() or 1)))
+    results = _POOL.map([(extract_code(c), list(m["tests"])) for c, m in zip(completions, metadata)])
+    return [Verdict(float("nan") if r.status == "error" else r.score, r.status) for r in results]
