@@ -209,3 +209,24 @@ def test_code_reward_scores_fenced_solutions_and_counts_statuses():
     r, m = make_rewards("code")(["p"] * 3, completions, [{"tests": tests}] * 3)
     assert r.tolist() == [1.0, 0.5, 0.0]
     assert m["reward/code/passed"] == 1 and m["reward/code/failed"] == 1 and m["reward/code/timeout"] == 1
+
+
+def test_grpo_with_the_code_reward_runs_end_to_end(embedded_model, tmp_path):
+    """The whole path under load: rollouts of the embedded model → sandboxes → updates."""
+    import json
+
+    from tether import grpo
+    from tether.arith import ArithSpec, code_rows
+    from tether.runlog import read_metrics
+
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in code_rows(ArithSpec(), 32, 0)))
+    r = grpo.train(grpo.GRPOConfig(model=str(embedded_model), output_dir=str(tmp_path / "run"), data=str(data),
+                                   reward="code", max_steps=2, prompts_per_step=4, num_generations=4,
+                                   max_new_tokens=24, progress=False, report=False))
+    recs = [m for m in read_metrics(r.run_dir / "metrics.jsonl") if "loss" in m]
+    assert len(recs) == 2
+    statuses = sum(v for k, v in recs[0].items() if k.startswith("reward/code/") and k.split("/")[-1] in
+                   ("passed", "failed", "timeout", "oom"))
+    assert statuses == 16  # every completion went through a sandbox and got a verdict
+    assert recs[0]["reward/code/invalid"] == 0  # no infrastructure errors

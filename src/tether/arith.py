@@ -228,3 +228,24 @@ def pretrain_corpus(spec: ArithSpec, n_facts: int, n_sentences: int, seed: int) 
     lines += [" ".join(_sentence(rng, lexicon) for _ in range(rng.randint(1, 3))) for _ in range(n_sentences)]
     rng.shuffle(lines)
     return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Code tasks: the same problems as functions to write, checked by running tests (tether.sandbox)
+# --------------------------------------------------------------------------------------------
+_OP_NAMES = {"+": "add", "-": "subtract", "*": "multiply"}
+
+
+def code_rows(spec: ArithSpec, n: int, seed: int) -> list[dict]:
+    """``{prompt, tests}`` rows: write ``f(a, b)`` for an operation, checked on a few held-out
+    operand pairs. A tiny task for the whole path of a code reward (rollout → sandbox → update)."""
+    rng = random.Random(f"arith-code-{seed}")
+    rows = []
+    for _ in range(n):
+        op = rng.choice(spec.ops)
+        name = _OP_NAMES[op]
+        cases = [(rng.randint(0, spec.max_operand), rng.randint(0, spec.max_operand)) for _ in range(3)]
+        tests = [f"assert {name}({a}, {b}) == {eval(f'{a} {op} {b}')}" for a, b in cases]  # noqa: S307 - our own digits
+        rows.append({"prompt": f"Write a Python function {name}(a, b) that returns a {op} b.\n```python\n",
+                     "tests": tests})
+    return rows
