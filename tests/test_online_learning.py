@@ -17,7 +17,7 @@ from tether.runlog import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def check(result, t0, budget_s=150):
+def check(result, t0, budget_s=200):  # measured ~105 s per run here; slack for slower machines
     before, after = result.eval_before["accuracy"], result.eval_after["accuracy"]
     recs = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if "reward" in m]
     first = sum(m["reward"] for m in recs[:8]) / 8

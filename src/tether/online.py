@@ -98,7 +98,8 @@ class AdaptiveKL:
 
 class Session:
     """The policy, optional reference, engine, rewards, prompt stream, optimizer, logger and
-    checkpoints of one online run. ``extra_modules`` (a critic) train and checkpoint with it."""
+    checkpoints of one online run. Modules given to :meth:`add_module` (a critic) train and
+    checkpoint with the policy."""
 
     def __init__(self, cfg: OnlineConfig, name: str):
         runs.setup_torch(cfg)
