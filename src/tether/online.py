@@ -286,7 +286,10 @@ class Session:
             ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
             loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
                                   loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok)
-            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum()}
+            # |log π_θ - log π_sampler| per token: 0 up to float noise before the first update, when the
+            # trainer and the rollout engine see the same weights (their agreement, measured every step)
+            gap = ((logps.detach() - exp.old_logps[rows]).abs() * exp.mask[rows]).sum()
+            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum(), "logp_gap_sum": gap}
 
         return loss_fn
 
