@@ -89,7 +89,11 @@ def rank_accuracy(score_fn, spec: ArithSpec, n: int = 200, seed: int = 0) -> flo
 def accuracy(model, tokenizer, rows: list[dict[str, str]], max_new_tokens: int = 16) -> dict[str, Any]:
     """Exact-match accuracy of greedy completions: the last integer of the completion must equal
     the answer (:func:`tether.arith.exact_match`)."""
-    completions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
+    return score_completions(rows, generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens))
+
+
+def score_completions(rows: list[dict[str, str]], completions: list[str]) -> dict[str, Any]:
+    """Exact-match accuracy of ``completions`` against ``rows``' answers, with the first 8 as samples."""
     hits = [exact_match(c, r["answer"]) for c, r in zip(completions, rows)]
     samples = [{"prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": h}
                for r, c, h in zip(rows[:8], completions, hits)]

@@ -27,7 +27,7 @@ from pydantic import Field
 from . import runs
 from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, read_rows
-from .evaluate import load_eval_rows
+from .evaluate import load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import RunningNorm, length_correlation, make_rewards
@@ -225,7 +225,8 @@ class Session:
         if self.ref is not None:
             t = time.perf_counter()
             with torch.no_grad():
-                ref = torch.cat([self.logps(self.ref, roll, mb)[0] for mb in self._chunks(torch.arange(len(rewards)))])
+                ref = torch.cat([self.logps(self.ref, roll, mb, with_entropy=False)[0]
+                                 for mb in self._chunks(torch.arange(len(rewards)))])
             self.timings["time/reference"] = time.perf_counter() - t
         return Experience(roll, rewards, mask, roll.logprobs, ref)
 
@@ -235,10 +236,16 @@ class Session:
             return torch.zeros_like(exp.mask)
         return -self.kl.beta * kl_estimate(exp.old_logps, exp.ref_logps, self.cfg.kl_estimator) * exp.mask
 
-    def logps(self, model, roll: Rollout, rows: torch.Tensor, with_hidden: bool = False):
+    def logps(self, model, roll: Rollout, rows: torch.Tensor, with_hidden: bool = False, with_entropy: bool = True):
         """:func:`completion_logps` of rollout ``rows`` under ``model`` at the sampling temperature."""
         return completion_logps(model, [roll.prompt_ids[i] for i in rows.tolist()], roll.completion_ids[rows],
-                                roll.mask[rows], self.cfg.temperature, self.cfg.dtype, self.pad, with_hidden)
+                                roll.mask[rows], self.cfg.temperature, self.cfg.dtype, self.pad, with_hidden,
+                                with_entropy=with_entropy)
+
+    def hidden(self, model, roll: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """:func:`completion_hidden` of rollout ``rows``: a critic's input, no LM head."""
+        return completion_hidden(model, [roll.prompt_ids[i] for i in rows.tolist()], roll.completion_ids[rows],
+                                 roll.mask[rows], self.cfg.dtype, self.pad)
 
     def _chunks(self, rows: torch.Tensor) -> list[torch.Tensor]:
         return list(rows.split(self.cfg.micro_batch_size))
@@ -265,10 +272,8 @@ class Session:
                     for k, v in metrics.items():
                         totals[k] = totals.get(k, 0.0) + float(v)
                     totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-                norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm or float("inf"))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(norm)
+                norm = runs.optimizer_step(self._params, self.optimizer, None, cfg.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
                 updates += 1
         self.scheduler.step()  # the schedule counts rollout steps
         self.engine.sync_weights(self.policy)  # π_old ← π_θ: the next rollout samples the new policy
@@ -325,16 +330,11 @@ class Session:
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Greedy exact-match accuracy on the held-out prompts (the engine at temperature 0)."""
-        from .arith import exact_match
-
         rows = self.eval_rows
         ids = [self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
         greedy = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=0)
         texts = [t for i in range(0, len(ids), 128) for t in self.engine.generate(ids[i:i + 128], greedy).texts]
-        hits = [exact_match(c, r["answer"]) for c, r in zip(texts, rows)]
-        ev = {"accuracy": sum(hits) / max(1, len(rows)), "n": len(rows),
-              "samples": [{"prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": h}
-                          for r, c, h in zip(rows[:8], texts, hits)]}
+        ev = score_completions(rows, texts)
         self.logger.log(step, {"eval_accuracy": ev["accuracy"]}, advance=False)
         return ev
 
@@ -372,30 +372,39 @@ def token_means(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
-                     temperature: float = 1.0, dtype: str = "fp32", pad: int = 0, with_hidden: bool = False,
-                     share_prompts: bool = True):
-    """Per-token log-probs log softmax(logits / T)[y_t] of right-padded ``completions`` (B, L) after
-    their ``prompts``, the entropy of each position's distribution (B, L, no gradient), and the
-    hidden states that produced those logits (B, L, H) when asked (a value head reads them).
+def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
+                      dtype: str = "fp32", pad: int = 0, share_prompts: bool = True) -> torch.Tensor:
+    """The hidden states (B, L, H) that predict each token of the right-padded ``completions`` after
+    their ``prompts``: what a value head reads, and what the LM head turns into log-probs.
 
     Completions of the same prompt (a GRPO group) share one forward of the prompt: its KV cache is
     computed once, with gradient, and gathered for each completion, so a group of n costs one prompt
-    and n completions instead of n of both. Logits exist only at completion positions.
+    and n completions instead of n of both.
     """
-    B, L = completions.shape
     keys = [tuple(p) for p in prompts]
     uniq = {k: j for j, k in enumerate(dict.fromkeys(keys))}
     with autocast(dtype):
-        if share_prompts and len(uniq) < B:
-            h = _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[k] for k in keys]), completions, mask, pad)
-        else:
-            h = _hidden(model, prompts, completions, mask, pad)
+        if share_prompts and len(uniq) < len(prompts):
+            return _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[k] for k in keys]), completions, mask, pad)
+        return _hidden(model, prompts, completions, mask, pad)
+
+
+def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
+                     temperature: float = 1.0, dtype: str = "fp32", pad: int = 0, with_hidden: bool = False,
+                     share_prompts: bool = True, with_entropy: bool = True):
+    """Per-token log-probs log softmax(logits / T)[y_t] of right-padded ``completions`` (B, L) after
+    their ``prompts``, the entropy of each position's distribution (B, L, no gradient; None unless
+    ``with_entropy``), and the hidden states of :func:`completion_hidden` when asked. Logits exist only
+    at completion positions."""
+    h = completion_hidden(model, prompts, completions, mask, dtype, pad, share_prompts)
+    with autocast(dtype):
         logits = model.get_output_embeddings()(h).float()
     logp_all = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
     lp = logp_all.gather(-1, completions[..., None])[..., 0] * mask
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
     return (lp, entropy, h) if with_hidden else (lp, entropy)
 
 

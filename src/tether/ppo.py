@@ -84,9 +84,8 @@ def train(cfg: PPOConfig) -> runs.FitResult:
 
     def values(rows: torch.Tensor, policy_hidden: torch.Tensor | None, roll) -> torch.Tensor:
         """V(s_t) at each completion position (n, L), from the critic's backbone or the policy's."""
-        if isinstance(critic, SeparateCritic):
-            _, _, h = s.logps(critic.lm, roll, rows, with_hidden=True)
-            return critic.head(h)
+        if isinstance(critic, SeparateCritic):  # its backbone's hidden states; its LM head is never used
+            return critic.head(s.hidden(critic.lm, roll, rows))
         return critic(policy_hidden)
 
     s.begin()
@@ -95,8 +94,7 @@ def train(cfg: PPOConfig) -> runs.FitResult:
         rewards, reward_metrics = s.score(idx, roll)                             # 2. score
         exp = s.experience(roll, rewards)
         with torch.no_grad():                                                    # 3. values, GAE
-            old_v = torch.cat([values(mb, s.logps(s.policy, roll, mb, with_hidden=True)[2]
-                                      if cfg.critic == "head" else None, roll)
+            old_v = torch.cat([values(mb, s.hidden(s.policy, roll, mb) if cfg.critic == "head" else None, roll)
                                for mb in torch.arange(len(exp)).split(cfg.micro_batch_size)])
         token_r = sequence_rewards_to_tokens(rewards, exp.mask)
         if cfg.kl_penalty == "reward":

@@ -119,12 +119,13 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip the global gradient norm (0: no clipping), step, advance the schedule, clear the
-    gradients; returns the pre-clip norm."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+def optimizer_step(params, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the global gradient norm of ``params`` (0: no clipping), step, advance the schedule (if
+    one is given), clear the gradients; returns the pre-clip norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
@@ -242,7 +243,7 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         metrics = step_fn(sampler.next(cfg.batch_size))
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, cfg.max_grad_norm)
         dt = time.perf_counter() - t0
         logger.log(step, {**metrics, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "tok_per_s": metrics.get("tokens", 0) / dt, "step_time": dt,
