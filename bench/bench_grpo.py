@@ -10,7 +10,7 @@ Each run is a fresh process; tether and TRL runs are interleaved; steady state e
 Variants:
   grpo-same     identical semantics in fp32
   grpo-default  tether's defaults where they differ: bf16 autocast where the CPU has it
-  ppo-same      PPO on the same batch (separate critic, 2 epochs × 2 mini-batches, fp32)
+  ppo-same      PPO on the same batch with its defaults (separate critic, one update per rollout, fp32)
   trl           shared/peer/bench_trl.py --trainers grpo (needs /tmp/peer-venv: bash shared/peer/setup.sh)
 
 Prints s/step, prompt+completion tokens/s, the time split (generation, reference, update), peak RSS.
@@ -40,8 +40,6 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
             "top_p=1.0", "top_k=0", "beta=0.04", "reward=answer_in_numbers", f"max_steps={steps}", "lr=1e-5",
             "schedule=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1", "seed=0", "threads=2",
             "eval_data=none", "progress=false", "report=false", "micro_batch_size=64"]
-    if algo == "ppo":
-        args += ["epochs=2", "mini_batches=2"]
     if algo == "grpo":
         args += ["loss_type=dapo", "epsilon=0.2", "scale_rewards=group", "kl_penalty=loss", "kl_estimator=k3"]
     if mode == "default":
