@@ -124,9 +124,15 @@ def _cmd_eval(cfg) -> int:
     from .modeling import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
-    ev = accuracy(load_causal_lm(path), load_tokenizer(path), load_eval_rows(cfg.eval_data, cfg.eval_samples),
-                  cfg.max_new_tokens)
-    print(json.dumps({"model": str(path), "accuracy": ev["accuracy"], "n": ev["n"], "samples": ev["samples"][:3]}, indent=1))
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    rows = load_eval_rows(cfg.eval_data, cfg.eval_samples)
+    ev = accuracy(model, tokenizer, rows, cfg.max_new_tokens)
+    out = {"model": str(path), "accuracy": ev["accuracy"], "n": ev["n"], "samples": ev["samples"][:3]}
+    if cfg.samples:
+        from .evaluate import sampled_accuracy
+
+        out["sampled"] = sampled_accuracy(model, tokenizer, rows, cfg.samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+    print(json.dumps(out, indent=1))
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Held-out exact-match accuracy with greedy decoding."""
+"""Held-out exact-match accuracy: greedy decoding, and pass@k / majority vote of sampled completions."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import torch
 
 from pydantic import Field
 
-from .arith import ArithSpec, eval_rows, exact_match
+from .arith import ArithSpec, eval_rows, exact_match, extract_answer
 from .config import Config
 from .data import DataError, read_rows
 from .modeling import padding_id
@@ -22,6 +24,9 @@ class EvalConfig(Config):
     eval_data: str = Field("arith", description="'arith' (held-out problems) or a file of {prompt, answer} rows")
     eval_samples: int = Field(200, ge=1, description="prompts scored")
     max_new_tokens: int = Field(16, ge=1, description="generation budget")
+    samples: int = Field(0, ge=0, description="also draw this many completions per prompt at `temperature`: pass@k and majority-vote accuracy, the ceiling RL from this model can reach by sharpening (0: greedy only)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of `samples`")
+    seed: int = Field(0, description="sampling seed of `samples`")
 
 
 def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None) -> list[dict[str, str]]:
@@ -98,3 +103,46 @@ def score_completions(rows: list[dict[str, str]], completions: list[str]) -> dic
     samples = [{"prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": h}
                for r, c, h in zip(rows[:8], completions, hits)]
     return {"accuracy": sum(hits) / max(1, len(rows)), "n": len(rows), "samples": samples}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al. 2021, eq. 1):
+    1 - C(n-c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct one."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def score_samples(rows: list[dict[str, str]], groups: list[list[str]]) -> dict[str, Any]:
+    """Scores of ``groups[i]``, n sampled completions of ``rows[i]``: the mean sample accuracy, pass@k
+    for k = 1, 2, 4, … ≤ n, and majority-vote accuracy (the most frequent final answer, ties to the
+    first seen; completions without an answer do not vote)."""
+    n = len(groups[0]) if groups else 0
+    if n == 0 or any(len(g) != n for g in groups):
+        raise ValueError("every prompt needs the same number (>= 1) of sampled completions")
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    out: dict[str, Any] = {"n": len(rows), "samples_per_prompt": n}
+    correct = [[exact_match(c, r["answer"]) for c in g] for r, g in zip(rows, groups)]
+    out["sample_accuracy"] = sum(map(sum, correct)) / (n * max(1, len(rows)))
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(n, sum(c), k) for c in correct) / max(1, len(rows))
+    votes = 0
+    for r, g in zip(rows, groups):
+        answers = Counter(a for a in map(extract_answer, g) if a is not None)
+        votes += bool(answers) and answers.most_common(1)[0][0] == int(r["answer"])
+    out["majority_accuracy"] = votes / max(1, len(rows))
+    return out
+
+
+def sampled_accuracy(model, tokenizer, rows: list[dict[str, str]], samples: int, temperature: float = 1.0,
+                     max_new_tokens: int = 16, seed: int = 0, batch_prompts: int = 64) -> dict[str, Any]:
+    """:func:`score_samples` of ``samples`` completions per prompt drawn by the rollout engine."""
+    from .rollout import SamplingParams, TorchEngine
+
+    engine = TorchEngine(model, tokenizer, seed=seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples)
+    ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    texts = [t for i in range(0, len(ids), batch_prompts) for t in engine.generate(ids[i:i + batch_prompts], params).texts]
+    return score_samples(rows, [texts[i * samples:(i + 1) * samples] for i in range(len(rows))])
