@@ -18,15 +18,13 @@ Figures, not assertions.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer import ensure_fixture, run_tether, run_trl  # noqa: E402
+from peer import peer_bench_args, run_tether, run_trl  # noqa: E402
 
 
 def tether_run(kind: str, variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
@@ -61,14 +59,7 @@ def trl_run(kind: str, fixture: Path, steps: int, workdir: Path) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixture", type=Path, default=Path("/tmp/peer-fixture"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--kinds", default="dpo,reward")
-    args = ap.parse_args()
-    ensure_fixture(args.fixture)
-    work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    args, work = peer_bench_args(__doc__, 20, ("--kinds", "dpo,reward", "comma-separated trainers"))
     rows: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):
         for kind in args.kinds.split(","):

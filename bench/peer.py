@@ -3,9 +3,11 @@ fresh process (so start-up time and peak RSS are those of a real run)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +27,19 @@ recs = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl") if '"loss"' 
 print(json.dumps({"rc": rc, "spawn": t_spawn, "recs": [{k: r.get(k, 0.0) for k in ["wall", *keys]} for r in recs],
                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+def peer_bench_args(doc: str, steps: int, extra: tuple[str, str, str]) -> tuple[argparse.Namespace, Path]:
+    """The options every peer benchmark takes (``--fixture``, ``--repeats``, ``--steps`` and one list option
+    ``extra`` = (flag, default, help)), the fixture built if missing, and a fresh work folder."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fixture", type=Path, default=Path("/tmp/peer-fixture"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument(extra[0], default=extra[1], help=extra[2])
+    args = ap.parse_args()
+    ensure_fixture(args.fixture)
+    return args, Path(tempfile.mkdtemp(prefix="tether-bench-"))
 
 
 def ensure_fixture(fixture: Path) -> None:
