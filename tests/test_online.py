@@ -153,6 +153,34 @@ def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatc
     assert any(not torch.equal(start[k], weights[0][k]) for k in start)  # it did move
 
 
+def _some_groups_alike(prompts, completions, meta):
+    """Every completion of an even-answer prompt scores 1 (a group with zero advantage)."""
+    return [1.0 if m["answer"] % 2 == 0 else float(len(c) % 5) for c, m in zip(completions, meta)]
+
+
+def test_filtered_groups_change_only_the_normaliser(tiny_model, tmp_path, monkeypatch):
+    """filter_groups trains on the groups whose rewards differ; the others have zero advantage, so
+    (β = 0, dapo, plain SGD) the update keeps its direction and grows by all tokens / kept tokens.
+    A filter that kept the wrong rows would turn it."""
+    from safetensors.torch import load_file
+
+    from tether import runs
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "alike", _some_groups_alike)
+    monkeypatch.setattr(runs, "make_optimizer", lambda model, cfg: torch.optim.SGD(model.parameters(), lr=cfg.lr))
+    start = load_file(tiny_model / "model.safetensors")
+    delta, kept = [], []
+    for f in (False, True):
+        r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / str(f), max_steps=1, prompts_per_step=6,
+                             eval_data="none", beta=0.0, max_grad_norm=0, reward="alike", lr=1.0, filter_groups=f))
+        w = load_file(r.final_dir / "model.safetensors")
+        delta.append(torch.cat([(w[k] - start[k]).flatten() for k in start]))
+        kept.append(metrics(r.run_dir)[-1]["groups_kept"])
+    assert kept[0] == 1.0 and 0 < kept[1] < 1
+    cos = torch.nn.functional.cosine_similarity(delta[0], delta[1], dim=0)
+    assert cos > 0.999 and delta[1].norm() > delta[0].norm() * 1.05
+
+
 def test_bad_prompt_rows_are_refused(tiny_model, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"question": "no prompt key"}) + "\n")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether.losses.policy import (PolicyLossConfig, gae, group_advantages, kl_estimate, leave_one_out_advantages,
-                                  policy_loss, value_loss, whiten)
+from tether.losses.policy import (PolicyLossConfig, gae, group_advantages, informative_groups, kl_estimate,
+                                  leave_one_out_advantages, policy_loss, value_loss, whiten)
 
 REF_DIR = Path(os.environ.get("TETHER_REFERENCE_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"))
 REF_FILE = REF_DIR / "grpo_loss_reference.json"
@@ -81,6 +81,15 @@ def test_group_advantages_ignore_nan_rewards():
     adv = group_advantages(r, 4, "none")
     assert adv[1] == 0 and torch.isfinite(adv).all()
     torch.testing.assert_close(adv[[0, 2, 3]], torch.tensor([1 / 3, -2 / 3, 1 / 3]))
+
+
+def test_informative_groups_are_those_whose_rewards_differ():
+    nan = float("nan")
+    r = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, nan, 2, 2, nan, nan, nan, nan, nan, 0, 0, 0, 0.5])
+    got = informative_groups(r, 4)
+    assert got.tolist() == [False] * 4 + [True] * 4 + [False] * 8 + [True] * 4
+    # exactly the groups with a non-zero group-relative advantage somewhere
+    assert got.view(-1, 4).any(-1).tolist() == (group_advantages(r, 4).view(-1, 4) != 0).any(-1).tolist()
 
 
 def test_leave_one_out_is_the_others_mean():

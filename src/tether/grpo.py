@@ -5,7 +5,8 @@ every token's advantage, A(y_i) = (r_i - mean_group r) / (std_group r + ε), in 
 surrogate (seed §6) without a critic. Variants (:mod:`tether.losses.policy`): ``loss_type`` grpo /
 dr_grpo / dapo / bnpo (and cispo, sapo, vespo, luspo), ``scale_rewards`` group / batch / none,
 asymmetric clipping (``epsilon_high``), GSPO's sequence-level ratio (``importance_level=sequence``),
-the KL to the reference as a loss term (β > 0) or no reference at all (β = 0).
+the KL to the reference as a loss term (β > 0) or no reference at all (β = 0), and DAPO's dynamic
+sampling (``filter_groups``: groups whose rewards are all equal are left out of the update).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from . import runs
-from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages
+from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages, informative_groups
 from .online import OnlineConfig, Session, token_means
 
 
@@ -31,6 +32,7 @@ class GRPOConfig(OnlineConfig):
     importance_level: Literal["token", "sequence"] = Field("token", description="token ratios, or GSPO's sequence-level ratio")
     kl_importance_correction: bool = Field(True, description="weight the KL term by the importance ratio (TRL's use_bias_correction_kl)")
     beta: float = Field(0.1, ge=0, description="KL coefficient (0: no reference model is loaded, TRL's default)")
+    filter_groups: bool = Field(False, description="DAPO's dynamic sampling: train only on groups whose rewards differ (the others have zero advantage); no refill")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 
@@ -52,11 +54,13 @@ def train(cfg: GRPOConfig) -> runs.FitResult:
     for step in s.steps():
         idx, roll = s.rollout()                                               # 1. sample groups
         rewards, reward_metrics = s.score(idx, roll)                          # 2. score them
-        exp = s.experience(roll, rewards)
+        keep = informative_groups(rewards, cfg.num_generations) if cfg.filter_groups else None
+        exp = s.experience(roll, rewards, keep)                               # (+ reference log-probs)
         if cfg.beta and cfg.kl_penalty == "reward":                           # KL as a reward penalty
             rewards = rewards + s.kl_reward(exp).sum(-1)
         adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # 3. group-relative A
 
         metrics = s.update(exp, s.policy_loss_fn(exp, adv, loss_cfg))        # 4. clipped updates
-        s.end_step(step, exp, {**reward_metrics, **token_means(metrics), "advantage_abs": float(adv.abs().mean())})
+        s.end_step(step, exp, {**reward_metrics, **token_means(metrics), "advantage_abs": float(adv.abs().mean()),
+                               "groups_kept": len(exp.rows) / len(rewards)})
     return s.finish()

@@ -78,6 +78,7 @@ class Experience:
     mask: torch.Tensor  # (N, L) float: tokens that carry loss
     old_logps: torch.Tensor  # (N, L) the sampler's log-probs
     ref_logps: torch.Tensor | None  # (N, L) or None when beta = 0
+    rows: torch.Tensor  # (n,) the completions the update trains on (all, unless groups were filtered)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # advantages, values, returns…
 
     def __len__(self) -> int:
@@ -214,21 +215,26 @@ class Session:
         self.timings["time/reward"] = time.perf_counter() - t
         return rewards, metrics
 
-    def experience(self, roll: Rollout, rewards: torch.Tensor) -> Experience:
+    def experience(self, roll: Rollout, rewards: torch.Tensor, keep: torch.Tensor | None = None) -> Experience:
         """The loss mask (dropped and, optionally, truncated completions carry none) and the
-        reference log-probs (one no-grad forward) when a KL is in play."""
+        reference log-probs (one no-grad forward) when a KL is in play. ``keep`` (N,) bool restricts
+        the update, and the reference forward, to those completions."""
         mask = roll.mask.float()
         mask[torch.isnan(rewards)] = 0
         if self.cfg.mask_truncated_completions:
             mask[roll.truncated] = 0
+        rows = torch.arange(len(rewards)) if keep is None else keep.nonzero()[:, 0]
+        if keep is not None:
+            mask[~keep] = 0
         ref = None
         if self.ref is not None:
             t = time.perf_counter()
+            ref = torch.zeros_like(mask)
             with torch.no_grad():
-                ref = torch.cat([self.logps(self.ref, roll, mb, with_entropy=False)[0]
-                                 for mb in self._chunks(torch.arange(len(rewards)))])
+                for mb in self._chunks(rows):
+                    ref[mb] = self.logps(self.ref, roll, mb, with_entropy=False)[0]
             self.timings["time/reference"] = time.perf_counter() - t
-        return Experience(roll, rewards, mask, roll.logprobs, ref)
+        return Experience(roll, rewards, mask, roll.logprobs, ref, rows)
 
     def kl_reward(self, exp: Experience) -> torch.Tensor:
         """-β · KL_t per token (the reward-penalty form of seed §4), (N, L); zeros when β = 0."""
@@ -258,12 +264,12 @@ class Session:
         tokens, so accumulation does not change it. ``on_policy`` is True when no update has
         happened since sampling (then π_old = sg(π_θ) exactly, as TRL)."""
         t = time.perf_counter()
-        cfg, N = self.cfg, len(exp)
+        cfg, N = self.cfg, len(exp.rows)
         totals: dict[str, float] = {}
-        size = math.ceil(N / cfg.mini_batches)
+        size = max(1, math.ceil(N / cfg.mini_batches))
         updates = 0
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(N) if cfg.mini_batches > 1 or cfg.epochs > 1 else torch.arange(N)
+        for _ in range(cfg.epochs if N else 0):
+            perm = exp.rows[torch.randperm(N)] if cfg.mini_batches > 1 or cfg.epochs > 1 else exp.rows
             for mb in perm.split(size):
                 n_tok = float(exp.mask[mb].sum())
                 for micro in self._chunks(mb):
@@ -277,7 +283,7 @@ class Session:
                 updates += 1
         self.scheduler.step()  # the schedule counts rollout steps
         self.engine.sync_weights(self.policy)  # π_old ← π_θ: the next rollout samples the new policy
-        out = {k: v / updates for k, v in totals.items()}
+        out = {k: v / updates for k, v in totals.items()} if updates else {}
         self.timings["time/update"] = time.perf_counter() - t
         return out
 
@@ -312,9 +318,10 @@ class Session:
                   **metrics, **self.timings}
         record["tok_per_s"] = record["tokens"] / dt  # prompt + completion tokens, TRL's count
         if exp.ref_logps is not None:
-            seq_kl = (kl_estimate(exp.old_logps, exp.ref_logps, "k3") * exp.rollout.mask).sum(-1)
-            record["kl"] = float(seq_kl.mean())  # per sequence, of the sampling policy (k3)
-            self.kl.update(record["kl"], len(exp))
+            seq_kl = (kl_estimate(exp.old_logps, exp.ref_logps, "k3") * exp.rollout.mask).sum(-1)[exp.rows]
+            if len(seq_kl):  # per sequence, of the sampling policy (k3), over the completions trained on
+                record["kl"] = float(seq_kl.mean())
+                self.kl.update(record["kl"], len(seq_kl))
         self.logger.log(step, record)
         if self.eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             self.evaluate(step)

@@ -66,6 +66,20 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
     return adv.view(-1)
 
 
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) bool: completions whose group's valid rewards are not all equal.
+
+    A group whose completions all score alike (all solved, all failed) has zero group-relative
+    advantage: it adds no policy gradient, only compute and tokens to the loss's normaliser. DAPO's
+    dynamic sampling (Yu et al. 2025, eq. 11: 0 < |{correct}| < G) trains on the other groups only.
+    """
+    r = rewards.view(-1, group_size)
+    valid = ~torch.isnan(r)
+    hi = torch.where(valid, r, -torch.inf).amax(-1)
+    lo = torch.where(valid, r, torch.inf).amin(-1)
+    return (hi > lo).repeat_interleave(group_size)
+
+
 def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Bessel-corrected std ignoring NaNs (TRL's ``nanstd``)."""
     n = (~torch.isnan(x)).sum(dim)
