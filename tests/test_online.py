@@ -181,6 +181,17 @@ def test_filtered_groups_change_only_the_normaliser(tiny_model, tmp_path, monkey
     assert cos > 0.999 and delta[1].norm() > delta[0].norm() * 1.05
 
 
+def test_a_step_with_no_informative_group_leaves_the_weights(tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "ones", lambda p, c, m: [1.0] * len(c))
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, max_steps=2, eval_data="none", beta=0.04,
+                         reward="ones", filter_groups=True))
+    assert [m["groups_kept"] for m in metrics(r.run_dir) if "groups_kept" in m] == [0.0, 0.0]
+    start, end = load_file(tiny_model / "model.safetensors"), load_file(r.final_dir / "model.safetensors")
+    assert all(torch.equal(start[k], end[k]) for k in start)
+
+
 def test_bad_prompt_rows_are_refused(tiny_model, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"question": "no prompt key"}) + "\n")

@@ -254,7 +254,7 @@ class Session:
                                  roll.mask[rows], self.cfg.dtype, self.pad)
 
     def _chunks(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        return list(rows.split(self.cfg.micro_batch_size))
+        return list(rows.split(self.cfg.micro_batch_size)) if len(rows) else []
 
     def update(self, exp: Experience, loss_fn: Callable[[torch.Tensor, int, float, bool], tuple[torch.Tensor, dict]],
                ) -> dict[str, float]:
