@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,9 @@ class Session:
                 norm = runs.optimizer_step(self._params, self.optimizer, None, cfg.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
                 updates += 1
-        self.scheduler.step()  # the schedule counts rollout steps
+        with warnings.catch_warnings():  # a step without an update (every group filtered) still counts
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()  # the schedule counts rollout steps
         self.engine.sync_weights(self.policy)  # π_old ← π_θ: the next rollout samples the new policy
         out = {k: v / updates for k, v in totals.items()} if updates else {}
         self.timings["time/update"] = time.perf_counter() - t
