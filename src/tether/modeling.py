@@ -57,23 +57,22 @@ def default_dtype() -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
+@contextlib.contextmanager
 def autocast(dtype: str):
-    """bf16 autocast on CPU (AVX512-BF16 makes matmuls ~2x faster); fp32 is a no-op context."""
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The context of tether's forward passes on CPU: bf16 autocast where ``dtype`` is "bf16"
+    (AVX512-BF16 makes matmuls ~2x faster), and SDPA's math kernel. At tether's row lengths (tens to a
+    few hundred tokens; one query per decoded token) the CPU flash kernel's per-call set-up dominates:
+    measured on 2 cores, the math kernel makes a bf16 SFT step 20% faster (0.056 vs 0.070 s), a bf16
+    reward-model step 20% (0.077 vs 0.097 s), an fp32 64 × 32-token rollout 10-15%, and fp32 training
+    steps 2-4%. With CUDA present the default kernel choice stands."""
+    with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext():
+        if torch.cuda.is_available():
+            yield
+            return
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def short_row_attention(device: torch.device | str):
-    """SDPA's math kernel on CPU. For the short rows of rollouts and their log-prob passes (one query
-    per decoded token; tens of tokens per completion) it is faster than the CPU flash kernel, whose
-    per-call set-up dominates at these sizes: measured on 2 cores, 15-20 ms less per 64 × 32-token
-    fp32 rollout and per bf16 GRPO update. Elsewhere (CUDA) the default kernel choice stands."""
-    if torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
 
 
 def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:

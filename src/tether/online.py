@@ -30,7 +30,7 @@ from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, read_rows
 from .evaluate import load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
-from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, short_row_attention
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -393,7 +393,7 @@ def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor
     """
     keys = [tuple(p) for p in prompts]
     uniq = {k: j for j, k in enumerate(dict.fromkeys(keys))}
-    with autocast(dtype), short_row_attention(completions.device):
+    with autocast(dtype):
         if share_prompts and len(uniq) < len(prompts):
             return _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[k] for k in keys]), completions, mask, pad)
         return _hidden(model, prompts, completions, mask, pad)

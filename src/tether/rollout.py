@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from .modeling import autocast, short_row_attention
+from .modeling import autocast
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,6 @@ class TorchEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        device = next(self.model.parameters()).device
-        with short_row_attention(device):
-            return self._generate(prompts, params, device)
-
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, device: torch.device) -> Rollout:
         if not prompts:
             raise ValueError("no prompts")
         if any(len(p) == 0 for p in prompts):
@@ -122,6 +117,7 @@ class TorchEngine:
         model.eval()
         K, n, L = len(prompts), params.n, params.max_new_tokens
         N, P = K * n, max(map(len, prompts))
+        device = next(model.parameters()).device
         # left padding: every row's next token is at column P, so one step feeds one column
         ids = torch.full((K, P), self.pad, dtype=torch.long)
         attn = torch.zeros(K, P + L, dtype=torch.long)
