@@ -59,16 +59,21 @@ def default_dtype() -> str:
 
 @contextlib.contextmanager
 def autocast(dtype: str):
-    """The context of tether's forward passes on CPU: bf16 autocast where ``dtype`` is "bf16"
-    (AVX512-BF16 makes matmuls ~2x faster), and SDPA's math kernel. At tether's row lengths (tens to a
-    few hundred tokens; one query per decoded token) the CPU flash kernel's per-call set-up dominates:
-    measured on 2 cores, the math kernel makes a bf16 SFT step 20% faster (0.056 vs 0.070 s), a bf16
-    reward-model step 20% (0.077 vs 0.097 s), an fp32 64 × 32-token rollout 10-15%, and fp32 training
-    steps 2-4%. With CUDA present the default kernel choice stands."""
-    with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext():
-        if torch.cuda.is_available():
+    """The context of tether's forward passes on CPU.
+
+    bf16: autocast (AVX512-BF16 makes matmuls ~2x faster), attention by SDPA's default kernel.
+    fp32: SDPA's math kernel, faster at tether's row lengths (one query per decoded token; tens of
+    tokens per row), where the CPU flash kernel's per-call set-up dominates: an fp32 64 × 32-token
+    rollout 10-15% faster, training steps 2-4%. Under bf16 autocast the math kernel made steps 20%
+    faster too, but the slow learning runs came out worse with it in the one CI run tried (the
+    quickstart's SFT model 41% → 36%, then no GRPO gain): not adopted there until that is understood.
+    With CUDA present the default kernel choice stands."""
+    if dtype == "bf16":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
-            return
+    elif torch.cuda.is_available():
+        yield
+    else:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
