@@ -136,13 +136,19 @@ def score_samples(rows: list[dict[str, str]], groups: list[list[str]]) -> dict[s
     return out
 
 
+def engine_texts(engine, tokenizer, prompts: list[str], params, batch_prompts: int = 128) -> list[str]:
+    """The completion texts of ``prompts`` from a rollout engine, ``batch_prompts`` prompts per call
+    (``params.n`` consecutive completions per prompt)."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return [t for i in range(0, len(ids), batch_prompts) for t in engine.generate(ids[i:i + batch_prompts], params).texts]
+
+
 def sampled_accuracy(model, tokenizer, rows: list[dict[str, str]], samples: int, temperature: float = 1.0,
                      max_new_tokens: int = 16, seed: int = 0, batch_prompts: int = 64) -> dict[str, Any]:
     """:func:`score_samples` of ``samples`` completions per prompt drawn by the rollout engine."""
     from .rollout import SamplingParams, TorchEngine
 
-    engine = TorchEngine(model, tokenizer, seed=seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples)
-    ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    texts = [t for i in range(0, len(ids), batch_prompts) for t in engine.generate(ids[i:i + batch_prompts], params).texts]
+    texts = engine_texts(TorchEngine(model, tokenizer, seed=seed), tokenizer, [r["prompt"] for r in rows], params,
+                         batch_prompts)
     return score_samples(rows, [texts[i * samples:(i + 1) * samples] for i in range(len(rows))])

@@ -28,7 +28,7 @@ from pydantic import Field
 from . import runs
 from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, read_rows
-from .evaluate import load_eval_rows, score_completions
+from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import RunningNorm, length_correlation, make_rewards
@@ -224,8 +224,10 @@ class Session:
         mask[torch.isnan(rewards)] = 0
         if self.cfg.mask_truncated_completions:
             mask[roll.truncated] = 0
-        rows = torch.arange(len(rewards)) if keep is None else keep.nonzero()[:, 0]
-        if keep is not None:
+        if keep is None:
+            rows = torch.arange(len(rewards))
+        else:
+            rows = keep.nonzero()[:, 0]
             mask[~keep] = 0
         ref = None
         if self.ref is not None:
@@ -340,11 +342,9 @@ class Session:
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Greedy exact-match accuracy on the held-out prompts (the engine at temperature 0)."""
-        rows = self.eval_rows
-        ids = [self.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
         greedy = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=0)
-        texts = [t for i in range(0, len(ids), 128) for t in self.engine.generate(ids[i:i + 128], greedy).texts]
-        ev = score_completions(rows, texts)
+        texts = engine_texts(self.engine, self.tokenizer, [r["prompt"] for r in self.eval_rows], greedy)
+        ev = score_completions(self.eval_rows, texts)
         self.logger.log(step, {"eval_accuracy": ev["accuracy"]}, advance=False)
         return ev
 
