@@ -90,16 +90,27 @@ def test_micro_batches_give_the_same_gradient(tiny_model, tokenizer, micro):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_shared_prompt_rows_score_like_separate_rows(tiny_model, tokenizer):
-    """One row per pair (prompt once, rejected blind to chosen) gives the log-probs and gradients
-    of TRL's two-row layout."""
+EDGE_PAIRS = [  # completions that differ at their first token, where one extends the other, chosen longer
+    {"prompt": "What is 2 + 3?", "chosen": " 5", "rejected": " The answer is 6"},
+    {"prompt": "What is 2 + 3?", "chosen": " 2 + 3 = 5", "rejected": " 2 + 3 = 5 and then some more words"},
+    {"prompt": "What is 4 - 1?", "chosen": " 4 - 1 = 3. So the answer is 3.", "rejected": " 4 - 1 = 3"},
+]
+
+
+@pytest.mark.parametrize("ld_alpha", [None, 0.3])
+def test_shared_prompt_rows_score_like_separate_rows(tiny_model, tokenizer, ld_alpha):
+    """One row per pair (prompt and the completions' common prefix once, rejected tail blind to the
+    chosen tail) gives the log-probs and gradients of TRL's two-row layout."""
+    from tether.data import collate_pairs
     from tether.modeling import load_causal_lm
 
-    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 1)), tokenizer, 128)
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 1) + EDGE_PAIRS), tokenizer, 128)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    assert batch.n_tokens < sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)  # a prefix is shared
     out = {}
     for shared in (True, False):
         model = load_causal_lm(tiny_model)
-        c, r, nc, nr = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, None, shared_prompt=shared)
+        c, r, nc, nr = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, ld_alpha, shared_prompt=shared)
         (c.sum() - 2 * r.sum()).backward()
         out[shared] = (c.detach(), r.detach(), nc, nr, [p.grad.clone() for p in model.parameters()])
     (c1, r1, nc1, nr1, g1), (c2, r2, nc2, nr2, g2) = out[True], out[False]

@@ -33,12 +33,14 @@ def test_shared_prompt_rows_give_the_same_rewards(tiny_model, tokenizer):
 
     torch.manual_seed(0)
     model = reward.load_reward_model(tiny_model).eval()
-    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 2)), tokenizer, 128)
+    from test_dpo import EDGE_PAIRS
+
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 2) + EDGE_PAIRS), tokenizer, 128)
     with torch.no_grad():
-        a = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=True)
-        b = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=False)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+        a = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=True, lm_nll=True)
+        b = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=False, lm_nll=True)
+    for x, y in zip(a, b):  # r_chosen, r_rejected, and the chosen completions' NLL (the lm_coef term)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a[0], a[1])
 
 

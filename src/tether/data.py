@@ -432,60 +432,79 @@ def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_row
     return out, stats
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists, leaving each at least one token."""
+    k, n = 0, min(len(a), len(b)) - 1
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
 @dataclass
 class PairBatch:
-    """Preference pairs packed one per row as ``prompt + chosen + rejected``: the shared prompt is
-    computed once. The rejected tokens see the prompt but not the chosen ones, and continue the
-    prompt's positions, so each completion is scored exactly as if it were alone.
+    """Preference pairs packed one per row as ``prompt + shared + chosen tail + rejected tail``,
+    where ``shared`` is the longest common token prefix of the two completions. Under a causal
+    model the hidden states of that context do not depend on what follows, so it is computed once
+    for both completions; the rejected tail sees the context but not the chosen tail, and continues
+    the context's positions, so each completion is scored exactly as if it were alone.
 
     input_ids, position_ids: (B, T). allowed: (B, T, T) bool, query × key attention.
-    chosen_pos, rejected_pos: (n,) flat indices b*T + t of the positions whose next token is a
-    chosen / rejected completion token (the last prompt position appears in both).
-    chosen_tgt, rejected_tgt: (n,) those tokens. chosen_row, rejected_row: (n,) their pair.
+    logit_pos: (m,) flat indices b*T + t of the positions whose next token is a completion token
+    (each once, even where it predicts a token of both completions).
+    src, tgt, seq, tok: (n,) one entry per completion token: its row of ``logit_pos``, the token,
+    its sequence (pair b's chosen is b, its rejected B + b) and its index in the completion.
     chosen_last, rejected_last: (B,) flat index of each completion's last token (its EOS).
+    lengths: (2B,) completion lengths, chosen then rejected.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     allowed: torch.Tensor
-    chosen_pos: torch.Tensor
-    chosen_tgt: torch.Tensor
-    chosen_row: torch.Tensor
-    rejected_pos: torch.Tensor
-    rejected_tgt: torch.Tensor
-    rejected_row: torch.Tensor
+    logit_pos: torch.Tensor
+    src: torch.Tensor
+    tgt: torch.Tensor
+    seq: torch.Tensor
+    tok: torch.Tensor
     chosen_last: torch.Tensor
     rejected_last: torch.Tensor
+    lengths: torch.Tensor
     n_tokens: int
 
 
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> PairBatch:
     B = len(pairs)
-    T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    shared = [common_prefix(p.chosen, p.rejected) for p in pairs]
+    T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) - s for p, s in zip(pairs, shared))
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
-    cp, ct, cr, rp, rt, rr, cl, rl = ([] for _ in range(8))
-    for b, p in enumerate(pairs):
-        P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
-        input_ids[b, :P + C + R] = torch.tensor(p.prompt + p.chosen + p.rejected)
-        position_ids[b, :P + C] = torch.arange(P + C)
-        position_ids[b, P + C:P + C + R] = torch.arange(P, P + R)
-        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
-        base = b * T
-        cp += [base + P - 1 + i for i in range(C)]  # position P-1+i predicts chosen[i]
-        rp += [base + P - 1] + [base + P + C + i - 1 for i in range(1, R)]
-        ct += p.chosen
-        rt += p.rejected
-        cr += [b] * C
-        rr += [b] * R
-        cl.append(base + P + C - 1)
-        rl.append(base + P + C + R - 1)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 context, 1 chosen tail, 2 rejected tail, -1 padding
+    pos: list[int] = []
+    src, tgt, seq, tok, c_last, r_last = ([] for _ in range(6))
+    for b, (p, S) in enumerate(zip(pairs, shared)):
+        L = len(p.prompt) + S  # the context both completions continue
+        C, R = len(p.chosen) - S, len(p.rejected) - S  # tail lengths, each >= 1
+        input_ids[b, :L + C + R] = torch.tensor(p.prompt + p.chosen + p.rejected[S:])
+        position_ids[b, :L + C] = torch.arange(L + C)
+        position_ids[b, L + C:L + C + R] = torch.arange(L, L + R)
+        segment[b, :L], segment[b, L:L + C], segment[b, L + C:L + C + R] = 0, 1, 2
+        base, m = b * T, len(pos)
+        # Rows of logit_pos for this pair: context positions L-S-1 .. L-1 (the last one predicts the
+        # first token of both tails), then the chosen tail's and the rejected tail's own positions.
+        pos += [base + L - S - 1 + i for i in range(S + 1)]
+        pos += [base + L + i for i in range(C - 1)] + [base + L + C + i for i in range(R - 1)]
+        for ids, sid, tail0 in ((p.chosen, b, m + S + 1), (p.rejected, B + b, m + S + C)):
+            src += [m + i for i in range(S + 1)] + [tail0 + i for i in range(len(ids) - S - 1)]
+            tgt += ids
+            seq += [sid] * len(ids)
+            tok += range(len(ids))
+        c_last.append(base + L + C - 1)
+        r_last.append(base + L + C + R - 1)
     idx = torch.arange(T)
     causal = idx[None, :, None] >= idx[None, None, :]  # (1, T, T) query ≥ key
     q, k = segment[:, :, None], segment[:, None, :]
     allowed = causal & (q >= 0) & (k >= 0) & ~((q == 2) & (k == 1))
     allowed |= torch.eye(T, dtype=torch.bool)[None] & (q < 0)  # padding attends to itself (no empty rows)
     t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return PairBatch(input_ids, position_ids, allowed, t(cp), t(ct), t(cr), t(rp), t(rt), t(rr), t(cl), t(rl),
-                     int((segment >= 0).sum()))
+    lengths = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    return PairBatch(input_ids, position_ids, allowed, t(pos), t(src), t(tgt), t(seq), t(tok), t(c_last), t(r_last),
+                     t(lengths), int((segment >= 0).sum()))

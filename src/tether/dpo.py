@@ -57,16 +57,16 @@ def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | N
                shared_prompt: bool = True):
     """Sequence log-probs (chosen (B,), rejected (B,)) and completion lengths (B,), (B,).
 
-    With ``shared_prompt`` each pair is one row ``prompt + chosen + rejected`` whose rejected part
-    cannot see the chosen one (:func:`tether.data.collate_pairs`): the prompt is computed once and
-    nothing is padded twice. Otherwise chosen and rejected are separate rows of one forward (TRL's
-    layout); ``ld_alpha`` always uses that layout, which keeps per-token structure.
+    With ``shared_prompt`` each pair is one row ``prompt + shared + chosen tail + rejected tail``
+    whose rejected tail cannot see the chosen one (:func:`tether.data.collate_pairs`): the prompt
+    and the completions' common prefix are computed once and nothing is padded twice. Otherwise
+    chosen and rejected are separate rows of one forward (TRL's layout).
     """
     n_c = torch.tensor([len(p.chosen) for p in pairs])
     n_r = torch.tensor([len(p.rejected) for p in pairs])
-    if shared_prompt and ld_alpha is None:
+    if shared_prompt:
         with autocast(dtype):
-            c, r = packed_pair_logps(model, collate_pairs(pairs, pad_id))
+            c, r = packed_pair_logps(model, collate_pairs(pairs, pad_id), ld_alpha)
         return c, r, n_c, n_r
     chosen, rejected = zip(*(p.rows() for p in pairs))
     batch = collate([*chosen, *rejected], pad_id)  # TRL's layout: B chosen rows, then B rejected

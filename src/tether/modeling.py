@@ -117,14 +117,25 @@ def packed_pair_hidden(model, batch) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def packed_pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs (chosen (B,), rejected (B,)) of a packed pair batch."""
-    h = packed_pair_hidden(model, batch)
-    B = batch.input_ids.shape[0]
-    out = []
-    for pos, tgt, row in ((batch.chosen_pos, batch.chosen_tgt, batch.chosen_row),
-                          (batch.rejected_pos, batch.rejected_tgt, batch.rejected_row)):
-        logits = model.get_output_embeddings()(h[pos]).float()
-        lp = torch.log_softmax(logits, -1).gather(-1, tgt[:, None]).squeeze(-1)
-        out.append(torch.zeros(B, dtype=lp.dtype).index_add(0, row, lp))
-    return out[0], out[1]
+def packed_token_logps(hidden: torch.Tensor, batch, head) -> torch.Tensor:
+    """log π of every completion token of a packed pair batch, (n,) in the order of ``batch.tgt``.
+    ``head`` maps hidden states to logits; it runs once per row of ``batch.logit_pos``."""
+    logits = head(hidden[batch.logit_pos]).float()  # (m, V)
+    return logits[batch.src, batch.tgt] - torch.logsumexp(logits, -1)[batch.src]
+
+
+def packed_pair_logps(model, batch, ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (chosen (B,), rejected (B,)) of a packed pair batch.
+
+    The LM head runs once per position of ``batch.logit_pos``: a context token's log-prob is
+    computed once and counted in both sequences. With ``ld_alpha`` (LD-DPO) the tokens past the
+    shorter completion count ``ld_alpha`` times, as in :func:`tether.losses.dpo.sequence_logps`.
+    """
+    lp = packed_token_logps(packed_pair_hidden(model, batch), batch, model.get_output_embeddings())
+    if ld_alpha is not None:
+        B = batch.lengths.shape[0] // 2
+        public = torch.minimum(batch.lengths[:B], batch.lengths[B:]).repeat(2)[batch.seq]
+        lp = torch.where(batch.tok < public, lp, ld_alpha * lp)
+    seqs = torch.zeros(batch.lengths.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
+    B = seqs.shape[0] // 2
+    return seqs[:B], seqs[B:]

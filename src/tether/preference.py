@@ -15,7 +15,7 @@ class PairsConfig(OfflineConfig):
     data: str = Field("arith", description="'arith' (generated pairs) or a file/folder of prompt/chosen/rejected rows")
     arith_pairs: int = Field(4000, ge=1, description="pairs generated when data=arith")
     eval_pairs: int = Field(200, ge=1, description="held-out pairs scored when evaluating on the arithmetic world")
-    shared_prompt: bool = Field(False, description="one row per pair: the prompt computed once, the completions blind to each other (a dense 4D mask: measured no faster here)")
+    shared_prompt: bool = Field(True, description="one row per pair: the prompt and the completions' common prefix computed once, their tails blind to each other (false: TRL's chosen and rejected rows)")
 
 
 def load_pairs(cfg: PairsConfig, tokenizer, rows: list[dict] | None = None,

@@ -19,7 +19,7 @@ from pydantic import Field
 from . import runs
 from .data import IGNORE, Example, PairExample, collate, collate_pairs
 from .losses.pairwise import bradley_terry_loss
-from .modeling import autocast, load_tokenizer, packed_pair_hidden, padding_id, resolve_model_path
+from .modeling import autocast, load_tokenizer, packed_pair_hidden, packed_token_logps, padding_id, resolve_model_path
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -104,26 +104,31 @@ def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp3
     ``lm_nll``, also the mean NLL of the chosen completions under the tied embeddings (a third output)."""
     B = len(pairs)
     with autocast(dtype):
-        if lm_nll:
-            chosen, rejected = zip(*(p.rows() for p in pairs))
-            b = collate([*chosen, *rejected], pad_id)
-            hidden = _hidden(model, b.input_ids, b.attention_mask)
-            T = b.attention_mask.shape[1]
-            last = T - 1 - b.attention_mask.flip(-1).argmax(-1)
-            r = _head(model)(hidden[torch.arange(2 * B), last])[:, 0].float()
-            sel = b.targets[:B] != IGNORE
-            logits = model.base_model.get_input_embeddings().weight  # tied: the LM head's weights
-            nll = torch.nn.functional.cross_entropy((hidden[:B][sel] @ logits.T).float(), b.targets[:B][sel])
-            return r[:B], r[B:], nll
         if shared_prompt:
             b = collate_pairs(pairs, pad_id)
             h = packed_pair_hidden(model, b)
             r = _head(model)(h[torch.cat([b.chosen_last, b.rejected_last])])[:, 0].float()
-        else:
-            chosen, rejected = zip(*(p.rows() for p in pairs))
-            b = collate([*chosen, *rejected], pad_id)
-            r = last_token_scores(model, b.input_ids, b.attention_mask)[:, 0].float()
+            if lm_nll:
+                lp = packed_token_logps(h, b, _tied_lm_head(model))
+                return r[:B], r[B:], -lp[b.seq < B].mean()
+            return r[:B], r[B:]
+        chosen, rejected = zip(*(p.rows() for p in pairs))
+        b = collate([*chosen, *rejected], pad_id)
+        hidden = _hidden(model, b.input_ids, b.attention_mask)
+        T = b.attention_mask.shape[1]
+        last = T - 1 - b.attention_mask.flip(-1).argmax(-1)
+        r = _head(model)(hidden[torch.arange(2 * B), last])[:, 0].float()
+        if lm_nll:
+            sel = b.targets[:B] != IGNORE
+            nll = torch.nn.functional.cross_entropy(_tied_lm_head(model)(hidden[:B][sel]).float(), b.targets[:B][sel])
+            return r[:B], r[B:], nll
     return r[:B], r[B:]
+
+
+def _tied_lm_head(model):
+    """Logits through the input embeddings: the LM head of a tied-embedding checkpoint."""
+    weight = model.base_model.get_input_embeddings().weight
+    return lambda h: h @ weight.T
 
 
 @torch.no_grad()
