@@ -91,3 +91,31 @@ def test_lm_regularised_reward_model_logs_and_lowers_its_nll(tiny_model, tmp_pat
     r = reward.train(cfg)
     nll = [json.loads(x)["lm_nll"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if "lm_nll" in x]
     assert len(nll) == 6 and nll[-1] < nll[0]  # the LM term trains the backbone through the tied embeddings
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_last_layer_at_the_read_positions_equals_the_full_forward(tiny_model, tokenizer, monkeypatch, shared_prompt):
+    """The reward head reads one position per completion, so the last decoder layer runs only
+    there (tether.modeling.hidden_at): rewards and gradients equal the full forward's."""
+    from test_dpo import EDGE_PAIRS
+
+    from tether import modeling
+    from tether.arith import ArithSpec, preference_rows
+    from tether.data import read_rows, tokenize_pairs
+
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 6, 3) + EDGE_PAIRS), tokenizer, 128)
+    out = []
+    for decoders in (modeling._PRE_NORM_DECODERS, set()):  # the fast path, then the full forward
+        monkeypatch.setattr(modeling, "_PRE_NORM_DECODERS", decoders)
+        torch.manual_seed(0)
+        model = reward.load_reward_model(tiny_model)
+        assert modeling._last_layer_at_supported(model.base_model) == bool(decoders)
+        rc, rr = reward.pair_rewards(model, pairs, tokenizer.pad_token_id, shared_prompt=shared_prompt)
+        (rc.sum() - 3 * rr.sum()).backward()
+        out.append((rc.detach(), rr.detach(), [p.grad.clone() for p in model.parameters()]))
+    (c1, r1, g1), (c2, r2, g2) = out
+    torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+    assert g1[-1].abs().sum() > 0 and g1[-2].abs().sum() > 0  # the score head and the final norm get gradients
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -106,15 +106,29 @@ def token_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return full.masked_scatter(mask, lp), mask
 
 
+def _pair_mask(model, batch) -> torch.Tensor:
+    """The packed pair batch's (B, 1, T, T) attention: bool for SDPA, additive for eager & co."""
+    allowed = batch.allowed[:, None]
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return allowed
+
+
 def packed_pair_hidden(model, batch) -> torch.Tensor:
     """Backbone hidden states (B·T, H) of a :class:`tether.data.PairBatch`, under its custom
     attention (a 4D mask transformers passes through unchanged)."""
-    allowed = batch.allowed[:, None]  # (B, 1, T, T)
-    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add the mask
-        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=allowed,
-                              use_cache=False).last_hidden_state
+    hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                              attention_mask=_pair_mask(model, batch), use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+def packed_pair_last_hidden(model, batch) -> torch.Tensor:
+    """Final hidden states (2B, H) at each completion's last token, chosen then rejected: the
+    last decoder layer runs only there (:func:`hidden_at`)."""
+    flat = torch.cat([batch.chosen_last, batch.rejected_last])
+    T = batch.input_ids.shape[1]
+    return hidden_at(model, flat // T, flat % T, input_ids=batch.input_ids, position_ids=batch.position_ids,
+                     attention_mask=_pair_mask(model, batch))
 
 
 def packed_token_logps(hidden: torch.Tensor, batch, head) -> torch.Tensor:
@@ -139,3 +153,87 @@ def packed_pair_logps(model, batch, ld_alpha: float | None = None) -> tuple[torc
     seqs = torch.zeros(batch.lengths.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
     B = seqs.shape[0] // 2
     return seqs[:B], seqs[B:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The last layer at a few positions
+# ---------------------------------------------------------------------------------------------
+# Decoder layers whose forward is h + attn(norm1(h)), then h + mlp(norm2(h)), with q/k/v/o
+# projections, rotary embeddings and (qwen3) per-head q/k norms: the last layer can be run at a
+# few query positions by hand. Other architectures take the full forward.
+_PRE_NORM_DECODERS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+class _LastLayerInputs(Exception):
+    """Raised by a pre-hook on the last decoder layer to stop the backbone there."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: dict):
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+def _last_layer_at_supported(base) -> bool:
+    cfg = base.config
+    layers = getattr(base, "layers", None)
+    return (getattr(cfg, "model_type", None) in _PRE_NORM_DECODERS and layers is not None and len(layers) > 0
+            and len(layers) == cfg.num_hidden_layers and getattr(cfg, "attention_dropout", 0.0) == 0.0
+            and (getattr(cfg, "layer_types", None) or ["full_attention"])[-1] == "full_attention"
+            and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+
+def hidden_at(model, rows: torch.Tensor, cols: torch.Tensor, **forward: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after the last norm) at positions ``(rows[i], cols[i])``, shape (n, H).
+
+    The last decoder layer only matters at the positions read (a reward head reads one or two per
+    row): its keys and values are computed everywhere, its queries, output projection and MLP only
+    there, which skips most of one layer of the forward and the backward. ``forward`` holds the
+    backbone's inputs (input_ids, position_ids, attention_mask). Architectures outside
+    ``_PRE_NORM_DECODERS`` run the full backbone and gather.
+    """
+    base = model.base_model
+    if not _last_layer_at_supported(base):
+        return base(**forward, use_cache=False).last_hidden_state[rows, cols]
+    layer = base.layers[-1]
+
+    def stop(_module, args, kwargs):
+        raise _LastLayerInputs(args[0] if args else kwargs["hidden_states"], kwargs)
+
+    handle = layer.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        base(**forward, use_cache=False)
+        raise RuntimeError("the backbone did not reach its last layer")
+    except _LastLayerInputs as e:
+        h, kw = e.hidden, e.kwargs
+    finally:
+        handle.remove()
+    attn = layer.self_attn
+    hd = attn.head_dim
+    x = layer.input_layernorm(h)  # (B, T, H)
+    x_q = x[rows, cols]  # (n, H)
+    q = attn.q_proj(x_q).view(len(rows), -1, hd)  # (n, heads, hd)
+    k = attn.k_proj(x).view(*x.shape[:2], -1, hd)  # (B, T, kv heads, hd)
+    v = attn.v_proj(x).view(*x.shape[:2], -1, hd)
+    if getattr(attn, "q_norm", None) is not None:  # qwen3: RMSNorm per head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = kw["position_embeddings"]  # (B, T, hd)
+    q = q * cos[rows, cols][:, None] + _rotate_half(q) * sin[rows, cols][:, None]
+    k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+    k, v = k[rows].transpose(1, 2), v[rows].transpose(1, 2)  # (n, kv heads, T, hd): each query's own row
+    mask = kw.get("attention_mask")
+    if mask is None:  # plain causal: keys up to the query's column
+        allowed = torch.arange(x.shape[1], device=x.device)[None] <= cols[:, None]
+        mask = allowed[:, None, None]  # (n, 1, 1, T)
+    else:
+        mask = mask[rows, :, cols][:, :, None] if mask.dim() == 4 else mask  # (n, 1, 1, T)
+    if mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=mask, scale=attn.scaling,
+        enable_gqa=q.shape[1] != k.shape[1])  # (n, heads, 1, hd)
+    h_q = h[rows, cols] + attn.o_proj(out.reshape(len(rows), -1))
+    h_q = h_q + layer.mlp(layer.post_attention_layernorm(h_q))
+    return base.norm(h_q)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

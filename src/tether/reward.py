@@ -19,7 +19,8 @@ from pydantic import Field
 from . import runs
 from .data import IGNORE, Example, PairExample, collate, collate_pairs
 from .losses.pairwise import bradley_terry_loss
-from .modeling import autocast, load_tokenizer, packed_pair_hidden, packed_token_logps, padding_id, resolve_model_path
+from .modeling import (autocast, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden, packed_token_logps, padding_id,
+                       resolve_model_path)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -62,11 +63,14 @@ def _hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r = head(h_last) for each row: (B, num_labels), h_last the hidden state of the rightmost
-    real token (attention_mask == 1), whatever the padding side. Only B rows reach the head."""
-    hidden = _hidden(model, input_ids, attention_mask)
+    real token (attention_mask == 1), whatever the padding side. Only B rows reach the head, and
+    the last decoder layer runs only at those positions (:func:`tether.modeling.hidden_at`)."""
     T = attention_mask.shape[1]
     last = T - 1 - attention_mask.flip(-1).argmax(-1)  # index of the rightmost 1 in each row
-    return _head(model)(hidden[torch.arange(len(last)), last])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions 0.. per row
+    h = hidden_at(model, torch.arange(len(last)), last, input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids)
+    return _head(model)(h)
 
 
 class RewardScorer:
@@ -106,23 +110,25 @@ def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp3
     with autocast(dtype):
         if shared_prompt:
             b = collate_pairs(pairs, pad_id)
+            if not lm_nll:  # the head reads two positions per row: the last layer runs only there
+                r = _head(model)(packed_pair_last_hidden(model, b))[:, 0].float()
+                return r[:B], r[B:]
             h = packed_pair_hidden(model, b)
             r = _head(model)(h[torch.cat([b.chosen_last, b.rejected_last])])[:, 0].float()
-            if lm_nll:
-                lp = packed_token_logps(h, b, _tied_lm_head(model))
-                return r[:B], r[B:], -lp[b.seq < B].mean()
-            return r[:B], r[B:]
+            lp = packed_token_logps(h, b, _tied_lm_head(model))
+            return r[:B], r[B:], -lp[b.seq < B].mean()
         chosen, rejected = zip(*(p.rows() for p in pairs))
         b = collate([*chosen, *rejected], pad_id)
+        if not lm_nll:
+            r = last_token_scores(model, b.input_ids, b.attention_mask)[:, 0].float()
+            return r[:B], r[B:]
         hidden = _hidden(model, b.input_ids, b.attention_mask)
         T = b.attention_mask.shape[1]
         last = T - 1 - b.attention_mask.flip(-1).argmax(-1)
         r = _head(model)(hidden[torch.arange(2 * B), last])[:, 0].float()
-        if lm_nll:
-            sel = b.targets[:B] != IGNORE
-            nll = torch.nn.functional.cross_entropy(_tied_lm_head(model)(hidden[:B][sel]).float(), b.targets[:B][sel])
-            return r[:B], r[B:], nll
-    return r[:B], r[B:]
+        sel = b.targets[:B] != IGNORE
+        nll = torch.nn.functional.cross_entropy(_tied_lm_head(model)(hidden[:B][sel]).float(), b.targets[:B][sel])
+        return r[:B], r[B:], nll
 
 
 def _tied_lm_head(model):
