@@ -17,7 +17,7 @@ import torch
 
 from .arith import ArithSpec, corrupt, sample_problems
 from .data import Example, collate
-from .modeling import load_causal_lm, load_tokenizer, padding_id
+from .modeling import hidden_at, load_causal_lm, load_tokenizer, padding_id
 
 DEFAULT_INSTRUCTION = "Is the answer correct?"
 TEMPLATE = "{prompt}{completion}\nInstruction: {instruction}\nVerdict:"
@@ -69,10 +69,10 @@ class Judge:
         out = []
         for i in range(0, len(rows), self.batch_size):
             b = collate(rows[i:i + self.batch_size], pad)
-            hidden = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                           use_cache=False).last_hidden_state
             last = b.attention_mask.sum(-1) - 1  # right padding: the verdict is predicted here
-            logits = self.model.get_output_embeddings()(hidden[torch.arange(len(last)), last]).float()
+            hidden = hidden_at(self.model, torch.arange(len(last)), last, input_ids=b.input_ids,
+                               attention_mask=b.attention_mask)  # the last layer only at that position
+            logits = self.model.get_output_embeddings()(hidden).float()
             logp = torch.log_softmax(logits, -1)
             yes, no = logp[:, self.yes_id], logp[:, self.no_id]
             out.append(yes - no if self.mode == "logratio" else yes.exp())
