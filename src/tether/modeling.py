@@ -214,7 +214,7 @@ def hidden_at(model, rows: torch.Tensor, cols: torch.Tensor, **forward: torch.Te
     v = attn.v_proj(x).view(*x.shape[:2], -1, hd)
     if getattr(attn, "q_norm", None) is not None:  # qwen3: RMSNorm per head before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = kw["position_embeddings"]  # (B, T, hd)
+    cos, sin = (t.expand(x.shape[0], -1, -1) for t in kw["position_embeddings"])  # (B, T, hd); (1, T, hd) without position_ids
     q = q * cos[rows, cols][:, None] + _rotate_half(q) * sin[rows, cols][:, None]
     k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
     k, v = k[rows].transpose(1, 2), v[rows].transpose(1, 2)  # (n, kv heads, T, hd): each query's own row
