@@ -146,12 +146,11 @@ def packed_pair_logps(model, batch, ld_alpha: float | None = None) -> tuple[torc
     shorter completion count ``ld_alpha`` times, as in :func:`tether.losses.dpo.sequence_logps`.
     """
     lp = packed_token_logps(packed_pair_hidden(model, batch), batch, model.get_output_embeddings())
+    B = batch.lengths.shape[0] // 2
     if ld_alpha is not None:
-        B = batch.lengths.shape[0] // 2
         public = torch.minimum(batch.lengths[:B], batch.lengths[B:]).repeat(2)[batch.seq]
         lp = torch.where(batch.tok < public, lp, ld_alpha * lp)
-    seqs = torch.zeros(batch.lengths.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
-    B = seqs.shape[0] // 2
+    seqs = torch.zeros(2 * B, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
     return seqs[:B], seqs[B:]
 
 
@@ -214,7 +213,8 @@ def hidden_at(model, rows: torch.Tensor, cols: torch.Tensor, **forward: torch.Te
     v = attn.v_proj(x).view(*x.shape[:2], -1, hd)
     if getattr(attn, "q_norm", None) is not None:  # qwen3: RMSNorm per head before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = (t.expand(x.shape[0], -1, -1) for t in kw["position_embeddings"])  # (B, T, hd); (1, T, hd) without position_ids
+    # rotary tables (B, T, hd); transformers builds them (1, T, hd) when no position_ids are given
+    cos, sin = (t.expand(x.shape[0], -1, -1) for t in kw["position_embeddings"])
     q = q * cos[rows, cols][:, None] + _rotate_half(q) * sin[rows, cols][:, None]
     k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
     k, v = k[rows].transpose(1, 2), v[rows].transpose(1, 2)  # (n, kv heads, T, hd): each query's own row

@@ -19,8 +19,8 @@ from pydantic import Field
 from . import runs
 from .data import IGNORE, Example, PairExample, collate, collate_pairs
 from .losses.pairwise import bradley_terry_loss
-from .modeling import (autocast, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden, packed_token_logps, padding_id,
-                       resolve_model_path)
+from .modeling import (autocast, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden,
+                       packed_token_logps, padding_id, resolve_model_path)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -55,19 +55,19 @@ def _head(model) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__}: no 'score' or 'classifier' head")
 
 
-def _hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions 0.. per row
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state  # (B, T, H)
+def _row_layout(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids (B, T), last (B,)) of padded rows, whatever the padding side: positions count
+    from 0 at each row's first real token; ``last`` is the column of its rightmost real token."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
+    return position_ids, last
 
 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r = head(h_last) for each row: (B, num_labels), h_last the hidden state of the rightmost
     real token (attention_mask == 1), whatever the padding side. Only B rows reach the head, and
     the last decoder layer runs only at those positions (:func:`tether.modeling.hidden_at`)."""
-    T = attention_mask.shape[1]
-    last = T - 1 - attention_mask.flip(-1).argmax(-1)  # index of the rightmost 1 in each row
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions 0.. per row
+    position_ids, last = _row_layout(attention_mask)
     h = hidden_at(model, torch.arange(len(last)), last, input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids)
     return _head(model)(h)
@@ -122,9 +122,9 @@ def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp3
         if not lm_nll:
             r = last_token_scores(model, b.input_ids, b.attention_mask)[:, 0].float()
             return r[:B], r[B:]
-        hidden = _hidden(model, b.input_ids, b.attention_mask)
-        T = b.attention_mask.shape[1]
-        last = T - 1 - b.attention_mask.flip(-1).argmax(-1)
+        position_ids, last = _row_layout(b.attention_mask)
+        hidden = model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state  # (2B, T, H)
         r = _head(model)(hidden[torch.arange(2 * B), last])[:, 0].float()
         sel = b.targets[:B] != IGNORE
         nll = torch.nn.functional.cross_entropy(_tied_lm_head(model)(hidden[:B][sel]).float(), b.targets[:B][sel])
