@@ -125,3 +125,65 @@ def test_shared_prompt_logps_and_gradients_equal_separate_rows(lm, etok):
     torch.testing.assert_close(out[True][2], out[False][2], atol=1e-5, rtol=1e-4)
     assert out[True][2].abs().sum() > 0
     lm.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------
+# the lean decode step (tether.decoding) against transformers' forward
+# ---------------------------------------------------------------------------------------------
+def _random_lm(kind: str, vocab: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=kind != "llama")
+    extra = {"llama": dict(attention_bias=True, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 32}),
+             "qwen3": dict(head_dim=32), "mistral": dict(sliding_window=None), "qwen2": {}}[kind]
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **common, **extra)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "mistral"])
+def test_lean_decode_step_equals_the_model_forward(etok, kind):
+    from tether.decoding import lean_decoder
+
+    model = _random_lm(kind, len(etok))
+    assert lean_decoder(model, "fp32") is not None
+    ps = prompts(etok)
+    for temperature in (0.0, 1.0):
+        sp = SamplingParams(max_new_tokens=10, temperature=temperature, n=2)
+        lean = TorchEngine(model, etok, seed=5).generate(ps, sp)
+        hf = TorchEngine(model, etok, seed=5, lean=False).generate(ps, sp)
+        assert torch.equal(lean.completion_ids, hf.completion_ids)
+        torch.testing.assert_close(lean.logprobs, hf.logprobs, atol=1e-5, rtol=1e-5)
+    for i in range(len(lean)):  # and both are the full forward's log-probs
+        k = int(lean.mask[i].sum())
+        want = full_forward_logps(model, lean.prompt_ids[i], lean.completion_ids[i, :k].tolist())
+        torch.testing.assert_close(lean.logprobs[i, :k], want, atol=2e-5, rtol=1e-5)
+
+
+def test_lean_decode_in_bf16_stays_near_the_float32_forward(lm, etok):
+    ps = prompts(etok)
+    r = TorchEngine(lm, etok, dtype="bf16", seed=2).generate(ps, SamplingParams(max_new_tokens=12, n=2))
+    for i in range(len(r)):
+        k = int(r.mask[i].sum())
+        want = full_forward_logps(lm, r.prompt_ids[i], r.completion_ids[i, :k].tolist())
+        assert (r.logprobs[i, :k] - want).abs().max() < 0.1  # bf16 weights: ~3 significant digits
+
+
+def test_the_engine_samples_weights_updated_in_place_by_the_fused_optimizer(etok):
+    """The lean step snapshots the weights at each generation: an in-place update that bumps no
+    version counter (fused AdamW) must still reach the samples."""
+    model = _random_lm("qwen2", len(etok))
+    engine, ps = TorchEngine(model, etok), prompts(etok, 2)
+    before = engine.generate(ps, SamplingParams(max_new_tokens=6, temperature=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    after = engine.generate(ps, SamplingParams(max_new_tokens=6, temperature=0))
+    for i in range(len(after)):
+        k = int(after.mask[i].sum())
+        want = full_forward_logps(model, after.prompt_ids[i], after.completion_ids[i, :k].tolist())
+        torch.testing.assert_close(after.logprobs[i, :k], want, atol=2e-5, rtol=1e-5)
+    assert not torch.equal(before.logprobs, after.logprobs)

@@ -58,25 +58,26 @@ def default_dtype() -> str:
 
 
 @contextlib.contextmanager
-def autocast(dtype: str):
+def autocast(dtype: str, short_rows: bool = False):
     """The context of tether's forward passes on CPU.
 
-    bf16: autocast (AVX512-BF16 makes matmuls ~2x faster), attention by SDPA's default kernel.
-    fp32: SDPA's math kernel, faster at tether's row lengths (one query per decoded token; tens of
-    tokens per row), where the CPU flash kernel's per-call set-up dominates: an fp32 64 × 32-token
-    rollout 10-15% faster, training steps 2-4%. Under bf16 autocast the math kernel made steps 20%
-    faster too, but the slow learning runs came out worse with it in the one CI run tried (the
-    quickstart's SFT model 41% → 36%, then no GRPO gain): not adopted there until that is understood.
-    With CUDA present the default kernel choice stands."""
-    if dtype == "bf16":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
-    elif torch.cuda.is_available():
-        yield
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    bf16: autocast (AVX512-BF16 makes matmuls ~2x faster). fp32: SDPA's math kernel, faster at
+    tether's row lengths (one query per decoded token; tens of tokens per row), where the CPU flash
+    kernel's per-call set-up dominates: an fp32 64 × 32-token rollout 10-15% faster, training steps
+    2-4%. ``short_rows`` (the online trainers' completions, a few dozen queries against a cached
+    prompt) takes the math kernel under bf16 too: the flash kernel's bf16 backward took a fifth of
+    a GRPO update, and the update gets 15% faster. The other bf16 trainers keep SDPA's default: the
+    math kernel made their steps 20% faster as well, but the slow learning runs came out worse with
+    it in the one CI run tried (the quickstart's SFT model 41% → 36%, then no GRPO gain), not
+    adopted until that is understood. With CUDA present the default kernel choice stands."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.MATH):
+    math = not torch.cuda.is_available() and (dtype != "bf16" or short_rows)
+    with sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext():
+        if dtype == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+        else:
             yield
 
 

@@ -393,7 +393,7 @@ def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor
     """
     keys = [tuple(p) for p in prompts]
     uniq = {k: j for j, k in enumerate(dict.fromkeys(keys))}
-    with autocast(dtype):
+    with autocast(dtype, short_rows=True):
         if share_prompts and len(uniq) < len(prompts):
             return _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[k] for k in keys]), completions, mask, pad)
         return _hidden(model, prompts, completions, mask, pad)
@@ -409,7 +409,9 @@ def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor,
     h = completion_hidden(model, prompts, completions, mask, dtype, pad, share_prompts)
     with autocast(dtype):
         logits = model.get_output_embeddings()(h).float()
-    logp_all = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
     lp = logp_all.gather(-1, completions[..., None])[..., 0] * mask
     entropy = None
     if with_entropy:

@@ -3,7 +3,8 @@ log-probs of every token out (seed §5's rollout phase).
 
 :class:`RolloutEngine` is the whole interface a trainer sees. :class:`TorchEngine` is the CPU (and
 single-GPU) implementation on the training model itself, with a KV cache, one batched forward per
-new token, logits only for the last position, and an early exit once every row has stopped. A vLLM
+new token (:mod:`tether.decoding`'s lean step for Llama-family layouts), logits only for the last
+position, and an early exit once every row has stopped. A vLLM
 engine or a Ray worker slots in by implementing the same methods.
 
 The log-probs are those of the distribution the token was drawn from before top-k/top-p truncation:
@@ -18,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from .decoding import lean_decoder
 from .modeling import autocast
 
 
@@ -92,11 +94,12 @@ def sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class TorchEngine:
     """Batched sampling with a KV cache on the policy module itself (no weight copy on CPU)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, dtype: str = "fp32", seed: int = 0):
+    def __init__(self, model: torch.nn.Module, tokenizer, dtype: str = "fp32", seed: int = 0, lean: bool = True):
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
         self.generator = torch.Generator().manual_seed(seed)
+        self.lean = lean  # decode steps by tether.decoding where the architecture allows (else the model's forward)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same process, same tensors: nothing to copy
@@ -136,6 +139,8 @@ class TorchEngine:
             cache.batch_repeat_interleave(n)
             logits, attn, pos = (x.repeat_interleave(n, dim=0) for x in (logits, attn, pos))
         attn[:, P:] = 1  # generated columns; rows that stopped leave the batch instead of being masked
+        # the lean decode step needs the buffer cache; it snapshots the weights now, as they are
+        decoder = lean_decoder(model, self.dtype) if self.lean and hasattr(cache.layers[0], "kbuf") else None
 
         out_ids = torch.full((N, L), self.pad, dtype=torch.long, device=device)
         out_lp = torch.zeros(N, L, device=device)
@@ -167,9 +172,12 @@ class TorchEngine:
                 cache.batch_select_indices(keep)
                 live, tok, attn, step_pos = live[keep], tok[keep], attn[keep], step_pos[keep]
             step_pos = step_pos + 1
-            with autocast(self.dtype):
-                logits = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=step_pos,
-                               past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if decoder is not None:
+                logits = decoder(tok, step_pos, cache, attn[:, :P + t + 1])
+            else:
+                with autocast(self.dtype):
+                    logits = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=step_pos,
+                                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         model.train(was_training)
 
         width = max(1, int(length.max()))
