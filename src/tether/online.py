@@ -409,7 +409,7 @@ def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor
     completions, mask = completions[:, :k], mask[:, :k]
     keys = [tuple(p) for p in prompts]
     uniq = {key: j for j, key in enumerate(dict.fromkeys(keys))}
-    with autocast(dtype, short_rows=True):
+    with autocast(dtype):
         if share_prompts and len(uniq) < len(prompts):
             h = _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[key] for key in keys]), completions, mask, pad)
         else:
