@@ -59,22 +59,26 @@ def default_dtype() -> str:
 
 @contextlib.contextmanager
 def autocast(dtype: str):
-    """The context of tether's forward passes: bf16 autocast where asked (AVX512-BF16 makes CPU
-    matmuls ~2x faster), and on CPU SDPA's math kernel for attention.
+    """The context of tether's forward passes on CPU.
 
-    At tether's row lengths (one query per decoded token; tens to a few hundred tokens per row) the
-    CPU flash kernel's per-call set-up dominates, and its bf16 backward is slow: with the math kernel
-    an fp32 64 × 32-token rollout is 10-15% faster, a bf16 GRPO update 15%, a bf16 reward-model step
-    18% (the flash backward was a quarter of it). Its bf16 results are as close to float32 as the
-    flash kernel's (reward-model scores: mean error 0.040 vs 0.042 on the peer fixture). With CUDA
-    present the default kernel choice stands."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    bf16: autocast (AVX512-BF16 makes matmuls ~2x faster), attention by SDPA's default kernel.
+    fp32: SDPA's math kernel, faster at tether's row lengths (one query per decoded token; tens of
+    tokens per row), where the CPU flash kernel's per-call set-up dominates: an fp32 64 × 32-token
+    rollout 10-15% faster, training steps 2-4%. Not under bf16, although the math kernel is faster
+    there too (a GRPO update 15%, a reward-model step 18%) and its forward as accurate: it computes
+    the attention's backward in bf16, and training with it learns less. Two CI runs of the learning
+    tests showed it: the SFT model then gained nothing from GRPO or PPO and +3.7 points from DPO
+    (instead of +10), while the flash kernel accumulates its backward in float32. With CUDA present
+    the default kernel choice stands."""
+    if dtype == "bf16":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    elif torch.cuda.is_available():
+        yield
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with contextlib.nullcontext() if torch.cuda.is_available() else sdpa_kernel(SDPBackend.MATH):
-        if dtype == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                yield
-        else:
+        with sdpa_kernel(SDPBackend.MATH):
             yield
 
 
