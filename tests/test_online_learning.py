@@ -2,8 +2,9 @@
 
 From the quickstart's SFT model, with the exact-match reward and fixed seeds, each trainer must raise
 greedy held-out accuracy, raise its sampled reward, and keep the KL to the reference bounded, within
-about two minutes on 2 cores. (Issue 5 asks for +15 points; what these budgets reach is recorded in
-the README: GRPO +5 to +12, PPO +4 to +7 depending on the seed, so the thresholds here are lower.)
+about two minutes on 2 cores (GRPO 60 steps, PPO 55: about 1.6 and 1.9 s a step here). Issue 5 asks
+for +15 points; what these budgets reach is recorded in the README (GRPO +10 to +13, PPO +3 to +8
+depending on the SFT model's seed), so the thresholds here are lower.
 """
 
 import time
@@ -17,7 +18,7 @@ from tether.runlog import read_metrics
 pytestmark = pytest.mark.slow
 
 
-def check(result, t0, budget_s=200):  # measured ~105 s per run here; slack for slower machines
+def check(result, t0, budget_s=200):  # measured ~110 s per run here; slack for slower machines
     before, after = result.eval_before["accuracy"], result.eval_after["accuracy"]
     recs = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if "reward" in m]
     first = sum(m["reward"] for m in recs[:8]) / 8
@@ -30,13 +31,13 @@ def check(result, t0, budget_s=200):  # measured ~105 s per run here; slack for 
 
 def test_grpo_learns_arithmetic(sft_model, tmp_path):
     t0 = time.time()
-    r = grpo.train(grpo.GRPOConfig(model=str(sft_model), output_dir=str(tmp_path / "grpo"), max_steps=40,
+    r = grpo.train(grpo.GRPOConfig(model=str(sft_model), output_dir=str(tmp_path / "grpo"), max_steps=60,
                                    eval_samples=300, progress=False, report=False, dtype=default_dtype()))
     check(r, t0)
 
 
 def test_ppo_learns_arithmetic(sft_model, tmp_path):
     t0 = time.time()
-    r = ppo.train(ppo.PPOConfig(model=str(sft_model), output_dir=str(tmp_path / "ppo"), max_steps=40,
+    r = ppo.train(ppo.PPOConfig(model=str(sft_model), output_dir=str(tmp_path / "ppo"), max_steps=55,
                                 eval_samples=300, progress=False, report=False, dtype=default_dtype()))
     check(r, t0)
