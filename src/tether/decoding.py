@@ -5,7 +5,7 @@ spends as long in per-op overhead (mask building, cache bookkeeping, twelve smal
 layer, and under autocast a bf16 copy of every weight at every step) as in the matmuls. This step
 does the same arithmetic with fewer, larger ops:
 
-- q, k, v as one projection and gate, up as one (weights concatenated once per weight version);
+- q, k, v as one projection and gate, up as one (weights concatenated once per generation);
 - bf16 weights cast once, not at every step, when the engine samples in bf16;
 - keys and values written in place into the engine's preallocated cache, and grouped-query
   attention as two batched matmuls over the (kv head, query group) layout;
@@ -22,26 +22,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .modeling import _PRE_NORM_DECODERS, _rotate_half
+from .modeling import _last_layer_at_supported, _rotate_half
 
 
 def _supported(model) -> bool:
+    """A layout :func:`tether.modeling.hidden_at` can run by hand, with every layer full attention,
+    SiLU gating and a plain linear head."""
     base = getattr(model, "base_model", None)
-    cfg = getattr(model, "config", None)
-    layers = getattr(base, "layers", None)
-    if cfg is None or layers is None or len(layers) == 0 or getattr(cfg, "model_type", None) not in _PRE_NORM_DECODERS:
+    if base is None or not _last_layer_at_supported(base):
         return False
+    cfg = base.config
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "final_logit_softcapping", None):
         return False
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return False
     if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
         return False
-    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return False
-    head = model.get_output_embeddings()
-    return isinstance(head, torch.nn.Linear) and all(
-        hasattr(layer, "self_attn") and hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj") for layer in layers)
+    return isinstance(model.get_output_embeddings(), torch.nn.Linear) and all(
+        hasattr(layer.mlp, "gate_proj") for layer in base.layers)
 
 
 def _norm_eps(norm) -> float:
