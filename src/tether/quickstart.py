@@ -29,7 +29,8 @@ class QuickstartConfig(Config):
     sft_lr: float = Field(1e-3, gt=0, description="SFT peak learning rate")
     sft_batch_size: int = Field(64, ge=1, description="SFT examples per step")
     reward_steps: int = Field(300, ge=0, description="reward-model optimizer steps (0: skip the stage)")
-    dpo_steps: int = Field(260, ge=0, description="DPO optimizer steps (0: skip the stage)")
+    dpo_steps: int = Field(520, ge=0, description="DPO optimizer steps (0: skip the stage)")
+    dpo_pairs: int = Field(16000, ge=1, description="generated preference pairs DPO trains on (about one pass at 520 steps × 32)")
     dpo_lr: float = Field(1e-4, gt=0, description="DPO peak learning rate")
     dpo_loss_type: list[str] = Field(["sigmoid", "sft"], description="DPO loss types (sigmoid + sft: DPO with an NLL anchor, as RPO)")
     grpo_steps: int = Field(40, ge=0, description="GRPO rollout steps from the SFT model (0: skip the stage)")
@@ -87,7 +88,7 @@ def run(cfg: QuickstartConfig) -> dict:
         t0 = time.time()
         print(f"[{k}/{n_stages}] DPO from the SFT model")
         d = dpo.train(dpo.DPOConfig(model=str(s.final_dir), output_dir=str(out / "dpo"), max_steps=cfg.dpo_steps,
-                                    lr=cfg.dpo_lr, loss_type=cfg.dpo_loss_type, eval_samples=cfg.eval_samples,
+                                    arith_pairs=cfg.dpo_pairs, lr=cfg.dpo_lr, loss_type=cfg.dpo_loss_type, eval_samples=cfg.eval_samples,
                                     eval_every=max(1, cfg.dpo_steps // 4), **common))
         timings["dpo"] = time.time() - t0
         stages["dpo"] = read_metrics(d.run_dir / "metrics.jsonl")
