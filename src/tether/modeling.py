@@ -65,15 +65,12 @@ def autocast(dtype: str):
     fp32: SDPA's math kernel, faster at tether's row lengths (one query per decoded token; tens of
     tokens per row), where the CPU flash kernel's per-call set-up dominates: an fp32 64 × 32-token
     rollout 10-15% faster, training steps 2-4%. Not under bf16, although the math kernel is faster
-    there too (a GRPO step 1.55-1.61 s instead of 1.98-2.07) and as accurate: it computes bf16
-    inputs in float32, its q/k/v gradients are 1.7x closer to float64 than the flash kernel's, and
-    a whole model's gradient is as far from float64 with either (7.8e-2 relative). What it changes
-    is the trajectory of the quickstart's 300-step SFT stage, which ends mid-transition and so is
-    chaotic: with the math kernel its seed-0 model (36%) is one from which GRPO loses 3 points,
-    while its seeds 1 and 2 (44%, 42%) gain 12 and 11, and the flash kernel's seed-0 model (40%)
-    gains 7. The learning tests are pinned to that seed-0 model, so bf16 keeps the flash kernel
-    until they no longer hinge on one SFT trajectory. With CUDA present the default kernel choice
-    stands."""
+    there too (a GRPO step ~20%) and as accurate (it computes bf16 inputs in float32; its q/k/v
+    gradients are closer to float64 than the flash kernel's): switching changes the trajectory of
+    the quickstart's 300-step SFT stage, which stops mid-transition, and its seed-0 model then is a
+    poor start for RL (GRPO -3 points; seeds 1 and 2 gain 12 and 11). The learning tests start from
+    that model, so bf16 keeps the flash kernel until they no longer hinge on one SFT trajectory
+    (figures in the README). With CUDA present the default kernel choice stands."""
     if dtype == "bf16":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield

@@ -88,8 +88,8 @@ def run(cfg: QuickstartConfig) -> dict:
         t0 = time.time()
         print(f"[{k}/{n_stages}] DPO from the SFT model")
         d = dpo.train(dpo.DPOConfig(model=str(s.final_dir), output_dir=str(out / "dpo"), max_steps=cfg.dpo_steps,
-                                    arith_pairs=cfg.dpo_pairs, lr=cfg.dpo_lr, loss_type=cfg.dpo_loss_type, eval_samples=cfg.eval_samples,
-                                    eval_every=max(1, cfg.dpo_steps // 4), **common))
+                                    arith_pairs=cfg.dpo_pairs, lr=cfg.dpo_lr, loss_type=cfg.dpo_loss_type,
+                                    eval_samples=cfg.eval_samples, eval_every=max(1, cfg.dpo_steps // 4), **common))
         timings["dpo"] = time.time() - t0
         stages["dpo"] = read_metrics(d.run_dir / "metrics.jsonl")
         acc["dpo"] = d.eval_after["accuracy"]
