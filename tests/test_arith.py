@@ -18,6 +18,21 @@ def test_generation_is_deterministic_and_seeded():
     assert sample_problems(spec, 50, 3) != sample_problems(spec, 50, 4)
 
 
+def test_training_draws_balance_operators_and_held_out_draws_weigh_problems_equally():
+    """Training data makes × as common as + (its space is 30× smaller); held-out pairs, ratings and
+    judge data are drawn like the held-out prompts, every held-out problem equally likely."""
+    from collections import Counter
+
+    spec = ArithSpec()
+    _, held = problem_space(spec)
+    train_ops = Counter(p.op for p in sample_problems(spec, 6000, 0))
+    assert all(abs(train_ops[op] / 6000 - 1 / 3) < 0.03 for op in "+-*")
+    held_ops = Counter(p.op for p in sample_problems(spec, 6000, 0, "held_out"))
+    share = Counter(p.op for p in held)
+    assert all(abs(held_ops[op] / 6000 - share[op] / len(held)) < 0.03 for op in "+-*")
+    assert set(sample_problems(spec, 6000, 0, "held_out")) <= set(held)
+
+
 def test_difficulty_is_configurable():
     spec = ArithSpec(max_operand=9, ops="+")
     train, held = problem_space(spec)

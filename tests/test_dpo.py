@@ -135,9 +135,9 @@ def test_dpo_resume_is_bit_identical(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_dpo_learns_arithmetic_within_a_minute(sft_model, tmp_path):
     """From the quickstart's SFT model: DPO with an NLL anchor on the chosen answers (RPO), 520
-    steps on 16,000 generated pairs, 1,000 held-out pairs. Measured here: 45 s of training, greedy
-    accuracy +17.7 and +19.0 points (seeds 0, 1), preference accuracy 88.9% and 86.6% (issue 4
-    asks 90%, not reached with a reference model: see the README)."""
+    steps on 16,000 generated pairs, 1,000 held-out pairs (every held-out problem equally likely, as
+    for greedy accuracy). Measured here: 45 s of training, greedy accuracy +17.7 points, preference
+    accuracy 94.8% (seed 0)."""
     from tether.modeling import default_dtype
     from tether.runlog import read_metrics
 
@@ -147,4 +147,4 @@ def test_dpo_learns_arithmetic_within_a_minute(sft_model, tmp_path):
     train_s = sum(m["step_time"] for m in read_metrics(r.run_dir / "metrics.jsonl") if "step_time" in m)
     assert train_s < 60, train_s
     assert r.eval_after["accuracy"] >= r.eval_before["accuracy"] + 0.10, (r.eval_before, r.eval_after)
-    assert r.eval_after["pref_accuracy"] >= 0.84, r.eval_after
+    assert r.eval_after["pref_accuracy"] >= 0.90, r.eval_after

@@ -61,24 +61,26 @@ def test_reward_model_trains_saves_and_scores(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_reward_models_learn_arithmetic_preferences(tmp_path):
-    """From the quickstart's SFT recipe, the reward model learns to rank held-out pairs.
-    (Issue 4 asks for >= 90%; this records what the current recipe reaches: about 78%.)"""
-    from tether import sft
-    from tether.embedded import ensure_embedded
+def test_reward_model_learns_arithmetic_preferences(sft_model, tmp_path):
+    """From the quickstart's SFT model, the Bradley-Terry model with the LM term (``lm_coef=1``)
+    ranks 1,000 held-out pairs (every held-out problem equally likely) at >= 90%. Measured: 92.6%
+    after 1,800 steps (about 3 minutes), 90.5% after 1,200; 52% before training."""
     from tether.modeling import default_dtype
 
-    base = sft.train(sft.SFTConfig(model=str(ensure_embedded(progress=False)), output_dir=str(tmp_path / "sft"),
-                                   max_steps=300, batch_size=64, micro_batch_size=64, eval_data="none",
-                                   progress=False, report=False, dtype=default_dtype()))
-    r = reward.train(reward.RewardConfig(model=str(base.final_dir), output_dir=str(tmp_path / "rm"), progress=False,
-                                         report=False, dtype=default_dtype()))
+    r = reward.train(reward.RewardConfig(model=str(sft_model), output_dir=str(tmp_path / "rm"), progress=False,
+                                         report=False, dtype=default_dtype(), lm_coef=1.0, max_steps=1800,
+                                         arith_pairs=40000, eval_pairs=1000))
     before, after = r.eval_before["pairwise_accuracy"], r.eval_after["pairwise_accuracy"]
-    assert after >= 0.70 and after >= before + 0.12
-    # multi-attribute regression heads from the same SFT model: the weighted scalar ranks too
-    from tether import attributes
+    assert before < 0.6 and after >= 0.90, (before, after)
 
-    a = attributes.train(attributes.AttributeConfig(model=str(base.final_dir), output_dir=str(tmp_path / "attr"),
+
+@pytest.mark.slow
+def test_attribute_heads_learn_arithmetic_ratings(sft_model, tmp_path):
+    """Multi-attribute regression heads from the quickstart's SFT model: the weighted scalar ranks."""
+    from tether import attributes
+    from tether.modeling import default_dtype
+
+    a = attributes.train(attributes.AttributeConfig(model=str(sft_model), output_dir=str(tmp_path / "attr"),
                                                     progress=False, report=False, dtype=default_dtype()))
     assert a.eval_after["mse"] < 0.2 * a.eval_before["mse"]
     assert a.eval_after["rank_accuracy"] >= 0.65
