@@ -286,3 +286,19 @@ def test_trainer_and_sampler_log_probs_agree_during_a_run(tiny_model, tmp_path):
     r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, eval_data="none", beta=0.0))
     recs = [m for m in metrics(r.run_dir) if "loss" in m]
     assert all(m["logp_gap"] < 1e-4 for m in recs)  # fp32, one update per rollout: same weights, same numbers
+
+
+def test_mini_batches_hold_whole_prompt_groups():
+    """Mini-batches are cut from a shuffle of prompt groups: every completion once, each group's
+    completions adjacent and in order (its prompt is computed once per mini-batch), groups reordered."""
+    from tether.online import shuffle_groups
+
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23])  # groups 0, 2, 3, 5 of n=4
+    out = shuffle_groups(rows, 4)
+    assert sorted(out.tolist()) == rows.tolist()
+    groups = (out // 4).tolist()
+    assert all(len(set(groups[i:i + 4])) == 1 for i in range(0, 16, 4))
+    assert all(out[i:i + 4].tolist() == sorted(out[i:i + 4].tolist()) for i in range(0, 16, 4))
+    orders = {tuple(shuffle_groups(rows, 4).tolist()) for _ in range(20)}
+    assert len(orders) > 1

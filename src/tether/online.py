@@ -272,10 +272,10 @@ class Session:
 
     def update(self, exp: Experience, loss_fn: Callable[[torch.Tensor, int, float, bool], tuple[torch.Tensor, dict]],
                ) -> dict[str, float]:
-        """Stage 4: ``epochs`` passes over the rollout in ``mini_batches`` shuffled mini-batches, one
-        optimizer update each, micro-batched. ``loss_fn(rows, n_seq, n_tok, on_policy)`` returns the
-        loss of micro-batch ``rows`` normalised by the mini-batch's ``n_seq`` sequences and ``n_tok``
-        tokens, so accumulation does not change it. ``on_policy`` is True when no update has
+        """Stage 4: ``epochs`` passes over the rollout in ``mini_batches`` shuffled mini-batches of
+        whole prompt groups (:func:`shuffle_groups`), one optimizer update each, micro-batched.
+        ``loss_fn(rows, n_seq, n_tok, on_policy)`` returns the loss of micro-batch ``rows`` normalised
+        by the mini-batch's ``n_seq`` sequences and ``n_tok`` tokens, so accumulation does not change it. ``on_policy`` is True when no update has
         happened since sampling (then π_old = sg(π_θ) exactly, as TRL)."""
         t = time.perf_counter()
         cfg, N = self.cfg, len(exp.rows)
@@ -283,7 +283,7 @@ class Session:
         size = max(1, math.ceil(N / cfg.mini_batches))
         updates = 0
         for _ in range(cfg.epochs if N else 0):
-            perm = exp.rows[torch.randperm(N)] if cfg.mini_batches > 1 or cfg.epochs > 1 else exp.rows
+            perm = shuffle_groups(exp.rows, cfg.num_generations) if cfg.mini_batches > 1 or cfg.epochs > 1 else exp.rows
             for mb in perm.split(size):
                 n_tok = float(exp.mask[mb].sum())
                 for micro in self._chunks(mb, exp.rollout):
@@ -381,6 +381,18 @@ class Session:
                 summary["held-out accuracy"] = f"{result.eval_before['accuracy']:.1%} -> {result.eval_after['accuracy']:.1%}"
             write_report(self.run_dir, self.name, read_metrics(self.run_dir / "metrics.jsonl"), summary)
         return result
+
+
+def shuffle_groups(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``rows`` (completion indices, ``n`` per prompt) in a random order of their prompts, each
+    prompt's completions kept together and in order. Mini-batches cut from it hold whole groups and
+    compute each prompt once for all its completions; shuffling completions one by one would put
+    most prompts' forward into every mini-batch."""
+    group = rows // n
+    rank = torch.empty(int(group.max()) + 1 if len(rows) else 0, dtype=torch.long)
+    ids = group.unique()
+    rank[ids] = torch.randperm(len(ids))
+    return rows[torch.argsort(rank[group], stable=True)]
 
 
 def token_means(metrics: dict[str, float]) -> dict[str, float]:
