@@ -37,7 +37,7 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
             "overwrite=true", "prompts_per_step=8", "num_generations=8", "max_new_tokens=32", "temperature=1.0",
             "top_p=1.0", "top_k=0", "beta=0.04", "reward=answer_in_numbers", f"max_steps={steps}", "lr=1e-5",
             "schedule=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1", "seed=0", "threads=2",
-            "eval_data=none", "progress=false", "report=false", "micro_batch_size=64"]
+            "eval_data=none", "progress=false", "report=false", "micro_batch_size=64", "epochs=1", "mini_batches=1"]
     if algo == "grpo":
         args += ["loss_type=dapo", "epsilon=0.2", "scale_rewards=group", "kl_penalty=loss", "kl_estimator=k3"]
     if mode == "default":

@@ -172,7 +172,8 @@ def test_filtered_groups_change_only_the_normaliser(tiny_model, tmp_path, monkey
     delta, kept = [], []
     for f in (False, True):
         r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / str(f), max_steps=1, prompts_per_step=6,
-                             eval_data="none", beta=0.0, max_grad_norm=0, reward="alike", lr=1.0, filter_groups=f))
+                             eval_data="none", beta=0.0, max_grad_norm=0, reward="alike", lr=1.0, filter_groups=f,
+                             mini_batches=1))
         w = load_file(r.final_dir / "model.safetensors")
         delta.append(torch.cat([(w[k] - start[k]).flatten() for k in start]))
         kept.append(metrics(r.run_dir)[-1]["groups_kept"])

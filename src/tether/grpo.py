@@ -33,6 +33,7 @@ class GRPOConfig(OnlineConfig):
     kl_importance_correction: bool = Field(True, description="weight the KL term by the importance ratio (TRL's use_bias_correction_kl)")
     beta: float = Field(0.1, ge=0, description="KL coefficient (0: no reference model is loaded, TRL's default)")
     filter_groups: bool = Field(False, description="DAPO's dynamic sampling: train only on groups whose rewards differ (the others have zero advantage); no refill")
+    mini_batches: int = Field(2, ge=1, description="optimizer updates per rollout batch (TRL's steps_per_generation); the second is importance-weighted and clipped. Two learn faster than one at the same compute on the arithmetic world (README)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 
