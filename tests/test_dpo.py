@@ -136,9 +136,9 @@ def test_dpo_resume_is_bit_identical(tiny_model, tmp_path):
 def test_dpo_learns_arithmetic_within_a_minute(sft_model, tmp_path):
     """From the quickstart's SFT model: DPO with an NLL anchor on the chosen answers (RPO), 400
     steps on 16,000 generated pairs, 1,000 held-out pairs (every held-out problem equally likely, as
-    for greedy accuracy). The quickstart's 520 steps gain +17.7 points and reach 94.8% in 44 s on an
-    Intel host, 51-63 s on an AMD EPYC one (0.10-0.12 s a step against 0.065); 400 steps keep the
-    minute on both: measured on the AMD host, 43 s of training, 39.0% -> 55.0% greedy, 94.5%."""
+    for greedy accuracy). The quickstart's 520 steps gain +17.7 points and reach 94.8% in 44 s on the
+    host of earlier stops, 51-63 s on an AMD EPYC one (0.10-0.12 s a step against 0.065); 400 steps
+    keep the minute on both: measured on the AMD host, 43 s of training, 39.0% -> 55.0% greedy, 94.5%."""
     from tether.modeling import default_dtype
     from tether.runlog import read_metrics
 
