@@ -275,8 +275,9 @@ class Session:
         """Stage 4: ``epochs`` passes over the rollout in ``mini_batches`` shuffled mini-batches of
         whole prompt groups (:func:`shuffle_groups`), one optimizer update each, micro-batched.
         ``loss_fn(rows, n_seq, n_tok, on_policy)`` returns the loss of micro-batch ``rows`` normalised
-        by the mini-batch's ``n_seq`` sequences and ``n_tok`` tokens, so accumulation does not change it. ``on_policy`` is True when no update has
-        happened since sampling (then π_old = sg(π_θ) exactly, as TRL)."""
+        by the mini-batch's ``n_seq`` sequences and ``n_tok`` tokens, so accumulation does not change
+        it. ``on_policy`` is True when no update has happened since sampling (then π_old = sg(π_θ)
+        exactly, as TRL)."""
         t = time.perf_counter()
         cfg, N = self.cfg, len(exp.rows)
         totals: dict[str, float] = {}
@@ -388,11 +389,8 @@ def shuffle_groups(rows: torch.Tensor, n: int) -> torch.Tensor:
     prompt's completions kept together and in order. Mini-batches cut from it hold whole groups and
     compute each prompt once for all its completions; shuffling completions one by one would put
     most prompts' forward into every mini-batch."""
-    group = rows // n
-    rank = torch.empty(int(group.max()) + 1 if len(rows) else 0, dtype=torch.long)
-    ids = group.unique()
-    rank[ids] = torch.randperm(len(ids))
-    return rows[torch.argsort(rank[group], stable=True)]
+    ids, group = (rows // n).unique(return_inverse=True)
+    return rows[torch.argsort(torch.randperm(len(ids))[group], stable=True)]
 
 
 def token_means(metrics: dict[str, float]) -> dict[str, float]:
