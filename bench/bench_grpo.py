@@ -10,7 +10,8 @@ Each run is a fresh process; tether and TRL runs are interleaved; steady state e
 Variants:
   grpo-same     identical semantics in fp32
   grpo-default  tether's defaults where they differ: bf16 autocast where the CPU has it
-  ppo-same      PPO on the same batch with its defaults (separate critic, one update per rollout, fp32)
+  ppo-same      PPO on the same batch: a separate critic (the costlier kind; PPO's default is a value
+                head), one update per rollout, fp32
   trl           shared/peer/bench_trl.py --trainers grpo (needs /tmp/peer-venv: bash shared/peer/setup.sh)
 
 Prints s/step, prompt+completion tokens/s, the time split (generation, reference, update), peak RSS.
@@ -40,6 +41,8 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
             "eval_data=none", "progress=false", "report=false", "micro_batch_size=64", "epochs=1", "mini_batches=1"]
     if algo == "grpo":
         args += ["loss_type=dapo", "epsilon=0.2", "scale_rewards=group", "kl_penalty=loss", "kl_estimator=k3"]
+    else:
+        args += ["critic=separate"]
     if mode == "default":
         from tether.modeling import default_dtype
 

@@ -90,7 +90,7 @@ def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy)
     (grpo.GRPOConfig, grpo, dict(beta=0.04)),
     (grpo.GRPOConfig, grpo, dict(loss_type="dr_grpo", importance_level="sequence", epochs=2, mini_batches=2)),
     (ppo.PPOConfig, ppo, dict()),
-    (ppo.PPOConfig, ppo, dict(critic="head", kl_target=0.05)),
+    (ppo.PPOConfig, ppo, dict(critic="separate", kl_target=0.05)),
     (reinforce.ReinforceConfig, reinforce, dict()),
 ])
 def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
@@ -109,6 +109,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
 @pytest.mark.parametrize("cls,module,extra", [
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2)),
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
+    (ppo.PPOConfig, ppo, dict(critic="separate")),
 ])
 def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, extra):
     full = module.train(small(cls, tiny_model, tmp_path / "a", max_steps=4, eval_data="none", **extra))

@@ -34,7 +34,7 @@ class QuickstartConfig(Config):
     dpo_lr: float = Field(1e-4, gt=0, description="DPO peak learning rate")
     dpo_loss_type: list[str] = Field(["sigmoid", "sft"], description="DPO loss types (sigmoid + sft: DPO with an NLL anchor, as RPO)")
     grpo_steps: int = Field(40, ge=0, description="GRPO rollout steps from the SFT model (0: skip the stage)")
-    ppo_steps: int = Field(40, ge=0, description="PPO rollout steps from the SFT model (0: skip the stage)")
+    ppo_steps: int = Field(70, ge=0, description="PPO rollout steps from the SFT model (0: skip the stage)")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="autocast dtype; auto: bf16 where the CPU computes it natively")
     eval_samples: int = Field(300, ge=1, description="held-out prompts scored by greedy exact match")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
