@@ -68,9 +68,10 @@ def autocast(dtype: str):
     there too (a GRPO step ~20%) and as accurate (it computes bf16 inputs in float32; its q/k/v
     gradients are closer to float64 than the flash kernel's): switching changes the trajectory of
     the quickstart's 300-step SFT stage, which stops mid-transition, and its seed-0 model then is a
-    poor start for RL (GRPO -3 points; seeds 1 and 2 gain 12 and 11). The learning tests start from
-    that model, so bf16 keeps the flash kernel until they no longer hinge on one SFT trajectory
-    (figures in the README). With CUDA present the default kernel choice stands."""
+    poor start for RL (on one host GRPO lost 3 points from it; on another PPO learns nothing from it
+    in two minutes, with either critic). The learning tests start from that model, so bf16 keeps the
+    flash kernel until they no longer hinge on one SFT trajectory (figures in the README). With CUDA
+    present the default kernel choice stands."""
     if dtype == "bf16":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
