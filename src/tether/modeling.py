@@ -58,30 +58,32 @@ def default_dtype() -> str:
 
 
 @contextlib.contextmanager
-def autocast(dtype: str):
+def autocast(dtype: str, math_attention: bool = False):
     """The context of tether's forward passes on CPU.
 
-    bf16: autocast (AVX512-BF16 makes matmuls ~2x faster), attention by SDPA's default kernel.
+    bf16: autocast (AVX512-BF16 makes matmuls ~2x faster), attention by SDPA's default kernel, or
+    its math kernel with ``math_attention``.
     fp32: SDPA's math kernel, faster at tether's row lengths (one query per decoded token; tens of
     tokens per row), where the CPU flash kernel's per-call set-up dominates: an fp32 64 × 32-token
-    rollout 10-15% faster, training steps 2-4%. Not under bf16, although the math kernel is faster
-    there too (a GRPO step ~20%) and as accurate (it computes bf16 inputs in float32; its q/k/v
-    gradients are closer to float64 than the flash kernel's): switching changes the trajectory of
-    the quickstart's 300-step SFT stage, which stops mid-transition, and its seed-0 model then is a
-    poor start for RL (on one host GRPO lost 3 points from it; on another PPO learns nothing from it
-    in two minutes, with either critic). The learning tests start from that model, so bf16 keeps the
-    flash kernel until they no longer hinge on one SFT trajectory (figures in the README). With CUDA
-    present the default kernel choice stands."""
-    if dtype == "bf16":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
-    elif torch.cuda.is_available():
-        yield
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    rollout 10-15% faster, training steps 2-4%.
 
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+    The math kernel is faster under bf16 too, and as accurate (it computes bf16 inputs in float32;
+    its q/k/v gradients are closer to float64 than the flash kernel's). The online trainers' forward
+    over completions (a few query tokens after a shared, cached context) asks for it: there the flash
+    kernel's backward took 39% of a GRPO update. Other bf16 training keeps the flash kernel: switching
+    changes the trajectory of the quickstart's 300-step SFT stage, which stops mid-transition, and its
+    seed-0 model then is a poor start for RL (on one host GRPO lost 3 points from it; on another PPO
+    learned nothing from it in two minutes, with either critic). The learning tests start from that
+    model, so SFT keeps the flash kernel until they no longer hinge on one SFT trajectory (figures in
+    the README). With CUDA present the default kernel choice stands."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with contextlib.ExitStack() as stack:
+        if dtype == "bf16":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        if (dtype != "bf16" or math_attention) and not torch.cuda.is_available():
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -403,28 +403,57 @@ def token_means(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
-                      dtype: str = "fp32", pad: int = 0, share_prompts: bool = True) -> torch.Tensor:
-    """The hidden states (B, L, H) that predict each token of the right-padded ``completions`` after
-    their ``prompts``: what a value head reads, and what the LM head turns into log-probs. Columns
-    past the longest completion of these rows are zeros, never computed: a micro-batch pays for its
-    own longest row, not the rollout's.
+@dataclass
+class CompletionStates:
+    """The hidden states that predict the tokens of right-padded completions, each distinct state
+    stored once: completion token t of row b is predicted by ``hidden[index[b, t]]`` (``index`` is 0
+    off the mask). Rows with the same prompt and the same first tokens share those states."""
 
-    Completions of the same prompt (a GRPO group) share one forward of the prompt: its KV cache is
-    computed once, with gradient, and gathered for each completion, so a group of n costs one prompt
-    and n completions instead of n of both.
+    hidden: torch.Tensor  # (M, H)
+    index: torch.Tensor  # (B, L) long
+
+    def expand(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) per-row states, zeros off ``mask`` (B, L)."""
+        (B, L), H = self.index.shape, self.hidden.shape[-1]
+        if not len(self.hidden):  # no real token at all
+            return self.hidden.new_zeros(B, L, H)
+        h = self.hidden.index_select(0, self.index.reshape(-1)).reshape(B, L, H)  # backward: index_add
+        return h * mask[..., None].to(h.dtype)
+
+
+def completion_states(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
+                      dtype: str = "fp32", pad: int = 0, share_prompts: bool = True) -> CompletionStates:
+    """:class:`CompletionStates` of ``completions`` (B, L) after their ``prompts``.
+
+    Under a causal model a position's hidden state depends only on the tokens before it, so rows
+    that share a prompt (a GRPO group) and the first m tokens of their completions (in the arithmetic
+    world the restated equation, " 41 + 31 =": most of a completion) share the states of those
+    prompt + m tokens exactly. Each such context is run once, with gradient, and its KV cache gathered
+    for each row's own tail, which runs from token m on; the tail's last token predicts nothing and is
+    never run. Nothing past a row's end is computed: a micro-batch pays for distinct tokens only.
+    ``share_prompts=False`` runs one plain row per completion (the reference the tests compare with).
     """
-    L = completions.shape[1]
-    k = max(1, int(mask.sum(-1).max()))
+    lengths = mask.sum(-1).long()
+    L, k = completions.shape[1], max(1, int(lengths.max()))
     completions, mask = completions[:, :k], mask[:, :k]
     keys = [tuple(p) for p in prompts]
     uniq = {key: j for j, key in enumerate(dict.fromkeys(keys))}
-    with autocast(dtype):
+    with autocast(dtype, math_attention=True):
         if share_prompts and len(uniq) < len(prompts):
-            h = _shared_prompt_hidden(model, list(uniq), torch.tensor([uniq[key] for key in keys]), completions, mask, pad)
+            hidden, index = _shared_prefix_states(model, list(uniq), torch.tensor([uniq[key] for key in keys]),
+                                                  completions, lengths, pad)
         else:
-            h = _hidden(model, prompts, completions, mask, pad)
-    return torch.nn.functional.pad(h, (0, 0, 0, L - k))
+            sel = mask.bool()
+            hidden = _hidden(model, prompts, completions, mask, pad)[sel]
+            index = torch.zeros_like(completions).masked_scatter(sel, torch.arange(len(hidden)))
+    return CompletionStates(hidden, torch.nn.functional.pad(index, (0, L - k)))
+
+
+def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
+                      dtype: str = "fp32", pad: int = 0, share_prompts: bool = True) -> torch.Tensor:
+    """The hidden states (B, L, H) that predict each token of the right-padded ``completions`` after
+    their ``prompts`` (zeros off the mask): what a value head reads (:func:`completion_states`)."""
+    return completion_states(model, prompts, completions, mask, dtype, pad, share_prompts).expand(mask)
 
 
 def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
@@ -432,21 +461,25 @@ def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor,
                      share_prompts: bool = True, with_entropy: bool = True):
     """Per-token log-probs log softmax(logits / T)[y_t] of right-padded ``completions`` (B, L) after
     their ``prompts``, the entropy of each position's distribution (B, L, no gradient; None unless
-    ``with_entropy``), and the hidden states of :func:`completion_hidden` when asked. Logits exist only
-    at the completions' real tokens (0 elsewhere)."""
-    h = completion_hidden(model, prompts, completions, mask, dtype, pad, share_prompts)
+    ``with_entropy``), and the hidden states of :func:`completion_hidden` when asked. The LM head runs
+    once per distinct state of :func:`completion_states`, 0 is returned off the mask."""
+    states = completion_states(model, prompts, completions, mask, dtype, pad, share_prompts)
     sel = mask.bool()
     with autocast(dtype):
-        logits = model.get_output_embeddings()(h[sel]).float()  # (n, V)
+        logits = model.get_output_embeddings()(states.hidden).float()  # (M, V)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    lp = logits.new_zeros(mask.shape).masked_scatter(sel, logp_all.gather(-1, completions[sel][:, None])[:, 0])
+    pos = states.index[sel]  # the state predicting each real token
+    # a flat index_select: its backward is an index_add (advanced indexing's is a slower index_put)
+    taken = logp_all.reshape(-1).index_select(0, pos * logits.shape[-1] + completions[sel])
+    lp = logits.new_zeros(mask.shape).masked_scatter(sel, taken)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = logits.new_zeros(mask.shape).masked_scatter(sel, -(logp_all.exp() * logp_all).sum(-1))
-    return (lp, entropy, h) if with_hidden else (lp, entropy)
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = logits.new_zeros(mask.shape).masked_scatter(sel, ent[pos])
+    return (lp, entropy, states.expand(mask)) if with_hidden else (lp, entropy)
 
 
 def _hidden(model, prompts: list[list[int]], comp: torch.Tensor, cmask: torch.Tensor, pad: int) -> torch.Tensor:
@@ -466,31 +499,80 @@ def _hidden(model, prompts: list[list[int]], comp: torch.Tensor, cmask: torch.Te
     return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _shared_prompt_hidden(model, uniq: list[tuple[int, ...]], index: torch.Tensor, comp: torch.Tensor,
-                          cmask: torch.Tensor, pad: int) -> torch.Tensor:
-    """:func:`_hidden` with each distinct prompt run once (left-padded), its KV cache gathered per row."""
+def first_rows(group: torch.Tensor) -> torch.Tensor:
+    """The first row of each group, for ``group`` (B,) ids 0..U-1 with every id present: (U,)."""
+    B = len(group)
+    return torch.full((int(group.max()) + 1,), B, dtype=torch.long).scatter_reduce(0, group, torch.arange(B), "amin")
+
+
+def shared_prefix_lengths(group: torch.Tensor, completions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """For each group of rows (``group`` (B,) ids 0..U-1), the number m of leading completion tokens
+    all its rows share, leaving every row at least one token of its own (m ≤ its shortest length - 1)."""
+    k = completions.shape[1]
+    differs = completions != completions[first_rows(group)[group]]  # (B, k) vs the group's first row
+    stop = torch.where(differs, torch.arange(k), k).min(-1).values  # each row's first difference
+    stop = torch.minimum(stop, (lengths - 1).clamp(min=0))
+    return torch.full((int(group.max()) + 1,), k, dtype=torch.long).scatter_reduce(0, group, stop, "amin")
+
+
+def _shared_prefix_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: torch.Tensor,
+                          lengths: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_states` with each distinct prompt + shared prefix run once (left-padded)."""
     from transformers import DynamicCache
 
-    U, P = len(uniq), max(map(len, uniq))
+    m = shared_prefix_lengths(group, comp, lengths)  # (U,)
+    U, first = len(uniq), first_rows(group)
+    contexts = [list(p) + comp[first[j], :int(m[j])].tolist() for j, p in enumerate(uniq)]
+    P = max(map(len, contexts))
     ids = torch.full((U, P), pad, dtype=torch.long)
     pmask = torch.zeros(U, P, dtype=torch.long)
-    for j, p in enumerate(uniq):
-        ids[j, P - len(p):] = torch.tensor(p)
-        pmask[j, P - len(p):] = 1
+    for j, c in enumerate(contexts):
+        ids[j, P - len(c):] = torch.tensor(c)
+        pmask[j, P - len(c):] = 1
     cache = DynamicCache(config=model.config)
-    out = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
-                           past_key_values=cache, use_cache=True)
-    last = out.last_hidden_state[:, -1]  # predicts each completion's first token
-    for layer in cache.layers:  # differentiable gather: gradients reach the prompt's forward
-        # (index_select, not the cache's own fancy indexing: its backward is an index_add, 7-14x faster
-        # on CPU than the accumulating index_put that indexing's backward runs)
-        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-    plen = pmask.sum(-1)[index]
-    attn = torch.cat([pmask[index], torch.ones_like(cmask)], dim=1)  # padding after a row's end is never attended
-    pos = plen[:, None] + torch.arange(comp.shape[1])
-    hc = model.base_model(input_ids=comp, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                          use_cache=True).last_hidden_state
-    return torch.cat([last[index][:, None], hc[:, :-1]], dim=1)
+    shared = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+                              past_key_values=cache, use_cache=True).last_hidden_state  # (U, P, H)
+    H = shared.shape[-1]
+    sources = [shared.reshape(U * P, H)]
+
+    # Each group's last m + 1 context positions predict its completions' tokens 0..m.
+    n_shared = m + 1
+    shared_off = n_shared.cumsum(0) - n_shared
+    jj = torch.repeat_interleave(torch.arange(U), n_shared)
+    t = torch.arange(len(jj)) - shared_off[jj]
+    take = [jj * P + P - n_shared[jj] + t]
+
+    # Each row's tail: tokens m .. len-2 as inputs (they predict tokens m+1 .. len-1).
+    B, k = comp.shape
+    mg = m[group]
+    tail = (lengths - mg - 1).clamp(min=0)
+    tail_off = torch.zeros(B, dtype=torch.long)
+    rows = tail.nonzero()[:, 0]
+    if len(rows):
+        T = int(tail.max())
+        cols = (mg[rows, None] + torch.arange(T)).clamp(max=k - 1)
+        tail_ids = comp[rows].gather(1, cols).masked_fill(torch.arange(T) >= tail[rows, None], pad)
+        for layer in cache.layers:  # differentiable gather: gradients reach the shared forward
+            # (index_select, not the cache's own fancy indexing: its backward is an index_add, 7-14x faster
+            # on CPU than the accumulating index_put that indexing's backward runs)
+            layer.keys, layer.values = layer.keys.index_select(0, group[rows]), layer.values.index_select(0, group[rows])
+        clen = pmask.sum(-1)[group[rows]]
+        attn = torch.cat([pmask[group[rows]], torch.ones(len(rows), T, dtype=torch.long)], dim=1)  # padding
+        # after a row's end is never attended: it comes after every real token
+        hc = model.base_model(input_ids=tail_ids, attention_mask=attn, position_ids=clen[:, None] + torch.arange(T),
+                              past_key_values=cache, use_cache=True).last_hidden_state  # (R, T, H)
+        sources.append(hc.reshape(-1, H))
+        n_tail = tail[rows]
+        off = n_tail.cumsum(0) - n_tail
+        ii = torch.repeat_interleave(torch.arange(len(rows)), n_tail)
+        take.append(U * P + ii * T + torch.arange(len(ii)) - off[ii])
+        tail_off[rows] = int(n_shared.sum()) + off
+    hidden = torch.cat(sources).index_select(0, torch.cat(take))
+
+    tk = torch.arange(k)[None]
+    index = torch.where(tk <= mg[:, None], shared_off[group][:, None] + tk, tail_off[:, None] + tk - mg[:, None] - 1)
+    index = torch.where(tk < lengths[:, None], index, 0)
+    return hidden, index
 
 
 def sequence_rewards_to_tokens(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
