@@ -176,7 +176,7 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
         for j in range(0, len(idx), cfg.micro_batch_size):
             mb = idx[j:j + cfg.micro_batch_size]
             b = collate([examples[i] for i in mb], pad)
-            with autocast(cfg.dtype):
+            with autocast(cfg.dtype, math_attention=True):
                 pred = last_token_scores(model, b.input_ids, b.attention_mask)
             loss, m = attribute_mse(pred, targets[mb])
             share = len(mb) / len(idx)

@@ -65,12 +65,12 @@ def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | N
     n_c = torch.tensor([len(p.chosen) for p in pairs])
     n_r = torch.tensor([len(p.rejected) for p in pairs])
     if shared_prompt:
-        with autocast(dtype):
+        with autocast(dtype, math_attention=True):
             c, r = packed_pair_logps(model, collate_pairs(pairs, pad_id), ld_alpha)
         return c, r, n_c, n_r
     chosen, rejected = zip(*(p.rows() for p in pairs))
     batch = collate([*chosen, *rejected], pad_id)  # TRL's layout: B chosen rows, then B rejected
-    with autocast(dtype):
+    with autocast(dtype, math_attention=True):
         lp, mask = token_logps(model, batch)
     seq = sequence_logps(lp, mask, ld_alpha)
     B = len(pairs)

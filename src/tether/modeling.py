@@ -68,14 +68,16 @@ def autocast(dtype: str, math_attention: bool = False):
     rollout 10-15% faster, training steps 2-4%.
 
     The math kernel is faster under bf16 too, and as accurate (it computes bf16 inputs in float32;
-    its q/k/v gradients are closer to float64 than the flash kernel's). The online trainers' forward
-    over completions (a few query tokens after a shared, cached context) asks for it: there the flash
-    kernel's backward took 39% of a GRPO update. Other bf16 training keeps the flash kernel: switching
-    changes the trajectory of the quickstart's 300-step SFT stage, which stops mid-transition, and its
-    seed-0 model then is a poor start for RL (on one host GRPO lost 3 points from it; on another PPO
-    learned nothing from it in two minutes, with either critic). The learning tests start from that
-    model, so SFT keeps the flash kernel until they no longer hinge on one SFT trajectory (figures in
-    the README). With CUDA present the default kernel choice stands."""
+    its q/k/v gradients are closer to float64 than the flash kernel's). The trainers that start from
+    an SFT model ask for it: the online trainers' forward over completions (a few query tokens after
+    a shared, cached context), where the flash kernel's backward took 39% of a GRPO update, and the
+    reward-model, attribute and DPO forwards (steps ~18% faster on the peer fixture). SFT, and with
+    it the embedded model's pretraining, keeps the flash kernel: switching changes the trajectory of
+    the quickstart's 300-step SFT stage, which stops mid-transition, and its seed-0 model then is a
+    poor start for RL (on one host GRPO lost 3 points from it; on another PPO learned nothing from it
+    in two minutes, with either critic). The learning tests start from that model, so SFT keeps the
+    flash kernel until they no longer hinge on one SFT trajectory (figures in the README). With CUDA
+    present the default kernel choice stands."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with contextlib.ExitStack() as stack:

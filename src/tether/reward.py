@@ -107,7 +107,7 @@ def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp3
     once (``shared_prompt``, :func:`tether.data.collate_pairs`), or chosen and rejected rows. With
     ``lm_nll``, also the mean NLL of the chosen completions under the tied embeddings (a third output)."""
     B = len(pairs)
-    with autocast(dtype):
+    with autocast(dtype, math_attention=True):
         if shared_prompt:
             b = collate_pairs(pairs, pad_id)
             if not lm_nll:  # the head reads two positions per row: the last layer runs only there
