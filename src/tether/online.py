@@ -505,14 +505,16 @@ def first_rows(group: torch.Tensor) -> torch.Tensor:
     return torch.full((int(group.max()) + 1,), B, dtype=torch.long).scatter_reduce(0, group, torch.arange(B), "amin")
 
 
-def shared_prefix_lengths(group: torch.Tensor, completions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """For each group of rows (``group`` (B,) ids 0..U-1), the number m of leading completion tokens
-    all its rows share, leaving every row at least one token of its own (m ≤ its shortest length - 1)."""
+def shared_prefix_lengths(group: torch.Tensor, first: torch.Tensor, completions: torch.Tensor,
+                          lengths: torch.Tensor) -> torch.Tensor:
+    """For each group of rows (``group`` (B,) ids 0..U-1, ``first`` its :func:`first_rows`), the number
+    m of leading completion tokens all its rows share, leaving every row at least one token of its own
+    (m ≤ its shortest length - 1)."""
     k = completions.shape[1]
-    differs = completions != completions[first_rows(group)[group]]  # (B, k) vs the group's first row
+    differs = completions != completions[first[group]]  # (B, k) vs the group's first row
     stop = torch.where(differs, torch.arange(k), k).min(-1).values  # each row's first difference
     stop = torch.minimum(stop, (lengths - 1).clamp(min=0))
-    return torch.full((int(group.max()) + 1,), k, dtype=torch.long).scatter_reduce(0, group, stop, "amin")
+    return torch.full((len(first),), k, dtype=torch.long).scatter_reduce(0, group, stop, "amin")
 
 
 def _shared_prefix_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: torch.Tensor,
@@ -520,8 +522,8 @@ def _shared_prefix_states(model, uniq: list[tuple[int, ...]], group: torch.Tenso
     """:func:`completion_states` with each distinct prompt + shared prefix run once (left-padded)."""
     from transformers import DynamicCache
 
-    m = shared_prefix_lengths(group, comp, lengths)  # (U,)
     U, first = len(uniq), first_rows(group)
+    m = shared_prefix_lengths(group, first, comp, lengths)  # (U,)
     contexts = [list(p) + comp[first[j], :int(m[j])].tolist() for j, p in enumerate(uniq)]
     P = max(map(len, contexts))
     ids = torch.full((U, P), pad, dtype=torch.long)
