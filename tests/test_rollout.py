@@ -224,3 +224,19 @@ def test_the_engine_samples_weights_updated_in_place_by_the_fused_optimizer(etok
         want = full_forward_logps(model, after.prompt_ids[i], after.completion_ids[i, :k].tolist())
         torch.testing.assert_close(after.logprobs[i, :k], want, atol=2e-5, rtol=1e-5)
     assert not torch.equal(before.logprobs, after.logprobs)
+
+
+def test_cache_is_handed_over_without_deprecation_warnings(lm, etok):
+    """The engine and the shared-prefix forward pass their KV cache under the keyword this
+    transformers takes (``cache`` since 5.24, where ``past_key_values`` warns and 5.40 drops it)."""
+    import warnings
+
+    from tether.online import completion_logps
+
+    ps = prompts(etok, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = TorchEngine(lm, etok, seed=0, lean=False).generate(ps, SamplingParams(max_new_tokens=6, n=2))
+        completion_logps(lm, r.prompt_ids, r.completion_ids, r.mask, pad=etok.pad_token_id)
+    assert len(r.texts) == 4
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def load_causal_lm(path: str | Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands a KV cache to ``model``'s forward: ``cache`` since transformers 5.24,
+    ``past_key_values`` before (deprecated in 5.24, removed in 5.40)."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {key: cache, "use_cache": True}
 
 
 def default_dtype() -> str:

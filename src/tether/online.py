@@ -30,7 +30,7 @@ from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, read_rows
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
-from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, with_cache
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -532,8 +532,9 @@ def _shared_prefix_states(model, uniq: list[tuple[int, ...]], group: torch.Tenso
         ids[j, P - len(c):] = torch.tensor(c)
         pmask[j, P - len(c):] = 1
     cache = DynamicCache(config=model.config)
+    kv = with_cache(model.base_model, cache)
     shared = model.base_model(input_ids=ids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
-                              past_key_values=cache, use_cache=True).last_hidden_state  # (U, P, H)
+                              **kv).last_hidden_state  # (U, P, H)
     H = shared.shape[-1]
     sources = [shared.reshape(U * P, H)]
 
@@ -562,7 +563,7 @@ def _shared_prefix_states(model, uniq: list[tuple[int, ...]], group: torch.Tenso
         attn = torch.cat([pmask[group[rows]], torch.ones(len(rows), T, dtype=torch.long)], dim=1)  # padding
         # after a row's end is never attended: it comes after every real token
         hc = model.base_model(input_ids=tail_ids, attention_mask=attn, position_ids=clen[:, None] + torch.arange(T),
-                              past_key_values=cache, use_cache=True).last_hidden_state  # (R, T, H)
+                              **kv).last_hidden_state  # (R, T, H)
         sources.append(hc.reshape(-1, H))
         n_tail = tail[rows]
         off = n_tail.cumsum(0) - n_tail

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from .decoding import lean_decoder
-from .modeling import autocast
+from .modeling import autocast, with_cache
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,10 @@ class TorchEngine:
 
         # the prompt is computed once, then its KV cache is repeated for its n completions
         cache = _kv_cache(model, P + L)
+        kv = with_cache(model, cache)
         with autocast(self.dtype):
-            logits = model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            logits = model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, **kv,
+                           logits_to_keep=1).logits[:, -1].float()
         if n > 1:
             cache.batch_repeat_interleave(n)
             logits, attn, pos = (x.repeat_interleave(n, dim=0) for x in (logits, attn, pos))
@@ -177,7 +178,7 @@ class TorchEngine:
             else:
                 with autocast(self.dtype):
                     logits = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=step_pos,
-                                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                                   **kv, logits_to_keep=1).logits[:, -1].float()
         model.train(was_training)
 
         width = max(1, int(length.max()))
