@@ -129,6 +129,32 @@ def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, ext
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_value_head_trains_the_backbone_only_when_asked(tiny_model, tmp_path, monkeypatch, shared):
+    """critic=head: one PPO step (plain SGD) with the value loss weighted 0 or 100 leaves the policy's
+    weights the same when the head reads detached hidden states, and moves them when it shares the
+    backbone. The head starts non-zero here (a zero head passes no gradient back on its first step)."""
+    from safetensors.torch import load_file
+
+    from tether import runs
+
+    init = ppo.ValueHead.__init__
+
+    def random_head(self, hidden):
+        init(self, hidden)
+        torch.nn.init.normal_(self.v.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+
+    monkeypatch.setattr(ppo.ValueHead, "__init__", random_head)
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    monkeypatch.setattr(runs, "make_optimizer", lambda model, cfg: torch.optim.SGD(model.parameters(), lr=cfg.lr))
+    w = [load_file(ppo.train(small(ppo.PPOConfig, tiny_model, tmp_path / f"{shared}-{vf}", max_steps=1, eval_data="none",
+                                   reward="by_length", vf_coef=vf, max_grad_norm=0, lr=0.1,
+                                   head_trains_backbone=shared)).final_dir / "model.safetensors")
+         for vf in (0.0, 100.0)]
+    same = all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert same != shared
+
+
 def _by_length(prompts, completions, meta):
     return [float(len(c) % 5) for c in completions]
 
