@@ -47,7 +47,7 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
-    """The real embedded model (pretrained), from the user's cache; built on first use."""
+    """The real embedded model (pretrained): the build shipped with tether."""
     from tether.embedded import ensure_embedded
 
     return ensure_embedded(progress=False)

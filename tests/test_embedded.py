@@ -1,9 +1,38 @@
-"""The embedded model: deterministic build, and a checkpoint transformers' Auto classes load."""
+"""The embedded model: the shipped build, a deterministic recipe, and a checkpoint transformers' Auto
+classes load."""
+
+import hashlib
+import json
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tether.embedded import EOS, PAD, BuildConfig, build, build_init, ensure_embedded
+from tether.arith import pretrain_corpus
+from tether.embedded import (
+    EOS, PAD, SHIPPED_DIR, BuildConfig, build, build_init, ensure_embedded, shipped_model, train_tokenizer,
+)
+
+
+def test_the_default_recipe_is_the_shipped_build_and_it_is_intact(tmp_path, tiny_build_config):
+    info = json.loads((SHIPPED_DIR / "build.json").read_text())
+    assert ensure_embedded(progress=False, cache_dir=tmp_path) == SHIPPED_DIR
+    assert not any(tmp_path.iterdir())  # nothing built, nothing cached
+    for name, digest in info["sha256"].items():
+        assert hashlib.sha256((SHIPPED_DIR / name).read_bytes()).hexdigest() == digest, name
+    # any other recipe is built locally, into a cache folder named by its hash
+    assert shipped_model(BuildConfig(seed=1)) is None
+    assert shipped_model(BuildConfig(pretrain_dtype="fp32")) is None
+    local = ensure_embedded(tiny_build_config, cache_dir=tmp_path, progress=False)
+    assert local.parent.name == f"arith-{tiny_build_config.key()}" and (local / "config.json").is_file()
+
+
+def test_the_recipe_still_describes_the_shipped_tokenizer():
+    """The shipped tokenizer is what the default recipe's corpus trains: a change to the corpus or the
+    tokenizer recipe without a new shipped build fails here."""
+    cfg = BuildConfig()
+    lines = pretrain_corpus(cfg.arith, cfg.corpus_facts, cfg.corpus_sentences, cfg.seed)
+    rebuilt = train_tokenizer(lines, cfg.vocab_size, cfg.max_position_embeddings)
+    assert rebuilt.get_vocab() == AutoTokenizer.from_pretrained(SHIPPED_DIR).get_vocab()
 
 
 def test_tokenizer_and_weights_are_deterministic(tmp_path, tiny_build_config):
@@ -68,4 +97,4 @@ def test_checkpoint_round_trips_through_auto_classes(embedded_model, tmp_path):
     ids = tok(["Question: What is 3 + 4?\nAnswer:"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
-    assert ensure_embedded(progress=False) == embedded_model  # the cache is hit, not rebuilt
+    assert ensure_embedded(progress=False) == embedded_model  # the shipped build, not rebuilt

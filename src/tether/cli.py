@@ -115,7 +115,7 @@ def _cmd_quickstart(cfg) -> int:
 def _cmd_build(cfg) -> int:
     from .embedded import ensure_embedded
 
-    print(ensure_embedded(cfg, progress=True))
+    print(ensure_embedded(cfg, progress=True, shipped=False))  # a local build, even of the shipped recipe
     return 0
 
 
@@ -161,7 +161,7 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
                  "GRPO (and dr_grpo, dapo, bnpo, GSPO…): group-relative advantages, clipped updates, no critic"),
         "ppo": (PPOConfig, _online("ppo"), "PPO with a critic (separate value model or value head), GAE, KL penalty"),
         "reinforce": (ReinforceConfig, _online("reinforce"), "REINFORCE with a mean or leave-one-out (RLOO) baseline"),
-        "build": (BuildConfig, _cmd_build, "build (or find in the cache) the embedded arithmetic model; prints its path"),
+        "build": (BuildConfig, _cmd_build, "build the embedded arithmetic model locally (or find it in the cache); prints its path. Without it, tether uses the shipped build"),
         "eval": (EvalConfig, _cmd_eval, "greedy exact-match accuracy of a model on held-out prompts"),
     }
 

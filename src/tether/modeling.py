@@ -15,8 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def resolve_model_path(model: str) -> Path:
-    """``"embedded"`` is the cached arithmetic model (built on first use); anything else must be a
-    local transformers checkpoint folder."""
+    """``"embedded"`` is the arithmetic model shipped with tether; anything else must be a local
+    transformers checkpoint folder."""
     if model == "embedded":
         from .embedded import ensure_embedded
 
