@@ -7,8 +7,8 @@ max_length 128, 20 steps, lr 1e-5 constant, fp32, 2 threads, β 0.1, sigmoid los
 fresh process; tether and TRL runs are interleaved; steady state excludes the first 2 steps.
 
 Variants:
-  tether-same      identical semantics in fp32 (the reference model's log-probs are computed
-                   once before step 1 instead of every step: the same numbers, less work)
+  tether-same      identical semantics in fp32 (each pair's reference log-probs are computed the
+                   first time it is drawn and kept, instead of every step: the same numbers, less work)
   tether-default   tether's defaults where they differ: bf16 autocast where the CPU has it
   trl              shared/peer/bench_trl.py (needs /tmp/peer-venv: bash shared/peer/setup.sh)
 
@@ -34,7 +34,7 @@ def tether_run(kind: str, variant: str, fixture: Path, steps: int, workdir: Path
             "schedule=constant", "warmup_steps=0", "weight_decay=0", "max_grad_norm=1", "seed=0", "threads=2",
             "eval_data=none", "progress=false", "report=false"]
     if kind == "dpo":
-        args += ["beta=0.1", "loss_type=sigmoid", "reference=precompute"]
+        args += ["beta=0.1", "loss_type=sigmoid"]  # tether's default reference: cached
     args += ["dtype=fp32"] if variant == "same" else []
     if variant == "default":
         from tether.modeling import default_dtype

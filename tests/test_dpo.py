@@ -55,18 +55,44 @@ def _cfg(tiny_model, tmp_path, name, **kw):
     return dpo.DPOConfig(**base)
 
 
-def test_reference_modes_agree_on_the_first_step(tiny_model, tmp_path):
-    """Precomputed, live and (at step 1) the starting policy are the same reference: the first
-    loss is log 2 for sigmoid DPO in every mode but reference-free."""
+def test_reference_modes_agree(tiny_model, tmp_path):
+    """Cached, precomputed, live and (at step 1) the starting policy are the same reference: the first
+    loss is log 2 for sigmoid DPO in every mode but reference-free, and the later ones agree."""
     first = {}
-    for mode in ("precompute", "live", "none"):
-        r = dpo.train(_cfg(tiny_model, tmp_path, mode, reference=mode, max_steps=2))
+    for mode in ("cached", "precompute", "live", "none"):
+        r = dpo.train(_cfg(tiny_model, tmp_path, mode, reference=mode, max_steps=6))
         recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
         first[mode] = recs
     assert first["precompute"][0]["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)
-    assert [x["loss"] for x in first["live"]] == pytest.approx([x["loss"] for x in first["precompute"]], rel=1e-5)
+    for mode in ("cached", "live"):  # 6 steps of 8 of 32 pairs: the second epoch reuses cached scores
+        assert [x["loss"] for x in first[mode]] == pytest.approx([x["loss"] for x in first["precompute"]], rel=1e-5)
     assert first["none"][0]["loss"] != pytest.approx(0.6931471805599453, rel=1e-3)
     assert (tmp_path / "precompute" / "ref_logps.pt").is_file()
+
+
+def test_cached_reference_scores_each_pair_once_then_lets_the_model_go(tiny_model, tokenizer):
+    from tether.modeling import load_causal_lm
+
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 8, 0)), tokenizer, 128)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_causal_lm(tiny_model).eval()
+
+    ref = dpo.CachedReference(load, pairs, tokenizer.pad_token_id, dpo.DPOConfig(batch_size=9, micro_batch_size=3))
+    assert ref.model is None and not loads  # nothing loaded before it is needed
+    expected = dpo.reference_logps(load_causal_lm(tiny_model), pairs, tokenizer.pad_token_id, None)
+    idx = [5, 0, 1, 5, 2]  # a repeat in the batch is scored once
+    torch.testing.assert_close(ref(idx), expected[idx], rtol=1e-5, atol=1e-5)
+    assert len(loads) == 1 and ref.model is not None and int(ref.scored.sum()) == 4
+    ref.model.lm_head.weight.data.zero_()  # scores already kept must not be computed again
+    torch.testing.assert_close(ref([0, 1]), expected[[0, 1]], rtol=1e-5, atol=1e-5)
+    ref.model = load()  # the remaining pairs with a sound model; then every pair is scored
+    torch.testing.assert_close(ref([3, 4, 6, 7]), expected[[3, 4, 6, 7]], rtol=1e-5, atol=1e-5)
+    assert ref.model is None and bool(ref.scored.all())
+    torch.testing.assert_close(ref(list(range(8))), expected, rtol=1e-5, atol=1e-5)
+    assert len(loads) == 2
 
 
 @pytest.mark.parametrize("micro", [2, 3])
@@ -121,15 +147,20 @@ def test_shared_prompt_rows_score_like_separate_rows(tiny_model, tokenizer, ld_a
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_dpo_resume_is_bit_identical(tiny_model, tmp_path):
-    straight = dpo.train(_cfg(tiny_model, tmp_path, "straight", max_steps=4, eval_data="none"))
-    dpo.train(_cfg(tiny_model, tmp_path, "split", max_steps=4, eval_data="none", stop_at_step=2))
-    split = dpo.train(_cfg(tiny_model, tmp_path, "split", max_steps=4, eval_data="none", resume=True))
+@pytest.mark.parametrize("reference,eval_data", [("cached", "none"), ("cached", "auto"), ("precompute", "none")])
+def test_dpo_resume_is_bit_identical(tiny_model, tmp_path, reference, eval_data):
+    """Stopped at step 2 of 4 (half the pairs have cached reference scores), resumed: the same run."""
+    kw = dict(max_steps=4, eval_data=eval_data, reference=reference)
+    straight = dpo.train(_cfg(tiny_model, tmp_path, "straight", **kw))
+    dpo.train(_cfg(tiny_model, tmp_path, "split", stop_at_step=2, **kw))
+    split = dpo.train(_cfg(tiny_model, tmp_path, "split", resume=True, **kw))
 
-    def losses(run):
-        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    def records(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
-    assert losses(split.run_dir) == losses(straight.run_dir)
+    assert [r["loss"] for r in records(split.run_dir)] == [r["loss"] for r in records(straight.run_dir)]
+    if eval_data == "auto":
+        assert split.eval_after["pref_accuracy"] == straight.eval_after["pref_accuracy"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Direct preference optimisation (seed §8) and its loss family, from preference pairs.
 
-The loop: pairs → reference log-probs (computed once, stored in the run folder, reused) →
-shuffled batches → chosen and rejected rows through the policy in one forward → the DPO loss of
+The loop: shuffled batches of pairs → reference log-probs (each pair scored once, kept, reused) →
+chosen and rejected rows through the policy in one forward → the DPO loss of
 :mod:`tether.losses.dpo` → AdamW, with evaluation (held-out preference accuracy and greedy
 exact-match), metrics, checkpoints and exact resume from the shared run plumbing.
 """
@@ -9,6 +9,7 @@ exact-match), metrics, checkpoints and exact resume from the shared run plumbing
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -41,8 +42,11 @@ class DPOConfig(PairsConfig):
     f_alpha: float = Field(1.0, description="α of the alpha_divergence")
     ld_alpha: float | None = Field(None, ge=0, le=1, description="LD-DPO: weight of the tokens past the shorter completion")
     discopop_tau: float = Field(0.05, gt=0, description="τ of the discopop loss")
-    reference: Literal["precompute", "live", "none"] = Field(
-        "precompute", description="reference log-probs: computed once and stored, a live reference model, or none (reference-free)")
+    reference: Literal["cached", "precompute", "live", "none"] = Field(
+        "cached", description="reference log-probs: 'cached' scores each pair the first time it is drawn and keeps the score "
+        "(a frozen reference model is held until every pair is scored); 'precompute' scores every pair before step 1 "
+        "(no second model when the reference is the starting policy); 'live' runs the reference every step; 'none': "
+        "reference-free")
     ref_model: str | None = Field(None, description="reference checkpoint (default: the starting policy)")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
@@ -91,6 +95,47 @@ def reference_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: floa
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
+class CachedReference:
+    """π_ref's sequence log-probs of the training pairs (seed §8), each pair scored the first time it
+    is drawn and kept.
+
+    The same numbers as scoring every pair before step 1 (``precompute``), but the first step does
+    not wait for all of them, and unlike ``live`` no pair is scored twice. The cost is a frozen
+    reference model in memory during the first epoch: it is loaded on first need and released once
+    every pair has its score. The scores travel in checkpoints (:meth:`state_dict`), so a resumed
+    run reuses them.
+    """
+
+    def __init__(self, load: Callable[[], torch.nn.Module], pairs: list[PairExample], pad_id: int, cfg: DPOConfig,
+                 state: dict[str, torch.Tensor] | None = None):
+        self.load, self.pairs, self.pad_id, self.cfg = load, pairs, pad_id, cfg
+        self.scores = state["ref_logps"] if state else torch.zeros(len(pairs), 2)
+        self.scored = state["ref_scored"] if state else torch.zeros(len(pairs), dtype=torch.bool)
+        if len(self.scores) != len(pairs):
+            raise ConfigError(f"the checkpoint holds reference scores of {len(self.scores)} pairs but the data has {len(pairs)}")
+        self.model: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def __call__(self, idx: list[int]) -> torch.Tensor:
+        """(B, 2) reference log-probs (chosen, rejected) of the pairs ``idx``, scoring the new ones."""
+        todo = list(dict.fromkeys(i for i in idx if not self.scored[i]))
+        if todo:
+            if self.model is None:
+                self.model = self.load()
+            for j in range(0, len(todo), self.cfg.micro_batch_size):
+                chunk = todo[j:j + self.cfg.micro_batch_size]
+                c, r, _, _ = pair_logps(self.model, [self.pairs[i] for i in chunk], self.pad_id, self.cfg.ld_alpha,
+                                        self.cfg.dtype, self.cfg.shared_prompt)
+                self.scores[chunk] = torch.stack([c, r], -1).float()
+                self.scored[chunk] = True
+            if bool(self.scored.all()):
+                self.model = None  # every pair has its score: the reference model is no longer needed
+        return self.scores[idx]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"ref_logps": self.scores, "ref_scored": self.scored}
+
+
 def accumulate_gradients(model, batch: list[PairExample], ref: torch.Tensor, cfg: DPOConfig,
                          pad_id: int) -> tuple[dict[str, float], int]:
     """Forward/backward one optimizer step's pairs in micro-batches; returns (metrics, tokens).
@@ -136,29 +181,38 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     eval_prompts = load_eval_rows("arith", cfg.eval_samples, cfg.arith) if arith_eval else (
         [] if cfg.eval_data in ("none", "auto") else load_eval_rows(cfg.eval_data, cfg.eval_samples))
 
-    # The reference: π_ref = the starting policy unless ref_model says otherwise. Precomputed
-    # log-probs are stored in the run folder, so a resumed run reuses them.
-    # Precomputing needs no second model when π_ref is the starting policy: the policy itself
-    # scores every pair before its first update (and the numbers are stored for resumes).
-    ref_model = ref_train = ref_eval = None
+    # The reference: π_ref = the starting policy unless ref_model says otherwise. The policy itself
+    # scores pairs as the reference while it is still the starting policy (before its first update),
+    # so no second model is loaded for that: the held-out pairs always, the training pairs too
+    # under 'precompute'. Precomputed log-probs are stored in the run folder, cached ones in each
+    # checkpoint, so a resumed run reuses them.
+    ref_path = resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path
+
+    def load_reference() -> torch.nn.Module:
+        return load_causal_lm(ref_path).eval().requires_grad_(False)
+
+    ref_model = ref_train = ref_eval = cached = None
     cache = run_dir / "ref_logps.pt"
     if cfg.reference == "precompute" and cache.is_file():
         stored = torch.load(cache, weights_only=True)
         ref_train, ref_eval = stored["train"], stored["eval"]
+    elif cfg.reference == "cached" and state is not None:
+        ref_eval = state["ref_eval"]
     elif cfg.reference != "none":
-        if cfg.ref_model is None and cfg.reference == "precompute":
+        if cfg.ref_model is None and cfg.reference != "live":
             if ckpt is not None:
                 raise ConfigError(f"resuming {run_dir} needs {cache}, which is missing")
             scorer = model
         else:
-            scorer = load_causal_lm(resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path).eval()
-            scorer.requires_grad_(False)
+            scorer = load_reference()
         ref_eval = reference_logps(scorer, eval_pairs, pad, cfg.ld_alpha)  # fp32, like the evaluation
         if cfg.reference == "precompute":
             ref_train = reference_logps(scorer, pairs, pad, cfg.ld_alpha, cfg.dtype)
             torch.save({"train": ref_train, "eval": ref_eval}, cache)
-        else:
+        elif cfg.reference == "live":
             ref_model = scorer
+    if cfg.reference == "cached":
+        cached = CachedReference(load_reference, pairs, pad, cfg, state)
     if ref_train is not None and len(ref_train) != len(pairs):
         raise ConfigError(f"{cache} holds {len(ref_train)} pairs but the data has {len(pairs)}")
 
@@ -166,6 +220,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         """(B, 2) reference log-probs of the pairs ``idx``."""
         if ref_train is not None:
             return ref_train[idx]
+        if cached is not None:
+            return cached(idx)
         if ref_model is None:
             return torch.zeros(len(idx), 2)
         with torch.no_grad():
@@ -196,7 +252,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
 
     result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "dpo", step,
                       evaluate if (eval_pairs or eval_prompts) else None,
-                      f"{stats.summary()}; reference {cfg.reference}; model {ckpt or start_path}")
+                      f"{stats.summary()}; reference {cfg.reference}; model {ckpt or start_path}",
+                      extra_state=(lambda: {**cached.state_dict(), "ref_eval": ref_eval}) if cached else None)
     if cfg.report and not result.stopped_early:
         from .report import write_report
 

@@ -239,7 +239,8 @@ StepFn = Callable[[list[int]], dict[str, float]]
 
 
 def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: dict[str, Any] | None, name: str,
-        step_fn: StepFn, evaluate: Callable[[], dict[str, Any]] | None = None, intro: str = "") -> FitResult:
+        step_fn: StepFn, evaluate: Callable[[], dict[str, Any]] | None = None, intro: str = "",
+        extra_state: Callable[[], dict[str, Any]] | None = None) -> FitResult:
     """Train for ``cfg.max_steps`` optimizer steps over ``n_items`` examples.
 
     Each step draws ``cfg.batch_size`` indices from a shuffled, resumable sampler and hands them
@@ -247,6 +248,8 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
     (``tokens`` among them); this loop then clips, steps AdamW and the schedule, logs, evaluates
     (``evaluate`` returns ``{name: value}``, logged as ``eval_<name>``), checkpoints, honours
     ``stop_at_step`` and writes the final model. ``state`` (from :func:`resume_point`) resumes.
+    ``extra_state`` returns what the caller keeps in every checkpoint besides the loop's own state
+    (the caller finds it in ``state`` when resuming).
     """
     t_start = time.time()
     sampler = EpochSampler(n_items, cfg.seed)
@@ -283,7 +286,8 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
             run_eval(step)
         stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
         if stop or step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler, {"sampler": sampler.state_dict()})
+            save(cfg, run_dir, step, model, tokenizer, optimizer, scheduler,
+                 {"sampler": sampler.state_dict(), **(extra_state() if extra_state else {})})
         if stop:
             logger.message(f"{name}: stopped after step {step} (stop_at_step); continue with resume=true")
             result.stopped_early = True
