@@ -98,3 +98,22 @@ def test_checkpoint_round_trips_through_auto_classes(embedded_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert ensure_embedded(progress=False) == embedded_model  # the shipped build, not rebuilt
+
+
+def test_tether_build_rebuilds_even_the_shipped_recipe(tmp_path, monkeypatch, capsys):
+    """``tether build`` is how the shipped model is reproduced: it builds locally, into the cache."""
+    from tether import cli, embedded
+
+    built = []
+
+    def fake_build(cfg, out, progress=True):  # the 6-minute build, stood in for
+        built.append(cfg)
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "config.json").write_text("{}")
+        return out / "model"
+
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "build", fake_build)
+    assert cli.main(["build"]) == 0
+    assert built == [BuildConfig()]
+    assert capsys.readouterr().out.strip() == str(tmp_path / f"arith-{BuildConfig().key()}" / "model")
