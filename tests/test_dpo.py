@@ -70,6 +70,22 @@ def test_reference_modes_agree(tiny_model, tmp_path):
     assert (tmp_path / "precompute" / "ref_logps.pt").is_file()
 
 
+def test_a_separate_reference_model_is_loaded_once(tiny_model, tmp_path, monkeypatch):
+    """ref_model: the model loaded to score the held-out pairs scores the training pairs too (cached),
+    and the losses are live's."""
+    loads = []
+    real = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda path: loads.append(path) or real(path))
+    runs = {mode: dpo.train(_cfg(tiny_model, tmp_path, mode, reference=mode, ref_model=str(tiny_model)))
+            for mode in ("cached", "live")}
+    assert len(loads) == 4  # the policy and one reference, per run
+
+    def losses(r):
+        return [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(runs["cached"]) == pytest.approx(losses(runs["live"]), rel=1e-5)
+
+
 def test_cached_reference_scores_each_pair_once_then_lets_the_model_go(tiny_model, tokenizer):
     from tether.modeling import load_causal_lm
 

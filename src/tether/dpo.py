@@ -107,13 +107,13 @@ class CachedReference:
     """
 
     def __init__(self, load: Callable[[], torch.nn.Module], pairs: list[PairExample], pad_id: int, cfg: DPOConfig,
-                 state: dict[str, torch.Tensor] | None = None):
+                 state: dict[str, torch.Tensor] | None = None, model: torch.nn.Module | None = None):
         self.load, self.pairs, self.pad_id, self.cfg = load, pairs, pad_id, cfg
         self.scores = state["ref_logps"] if state else torch.zeros(len(pairs), 2)
         self.scored = state["ref_scored"] if state else torch.zeros(len(pairs), dtype=torch.bool)
         if len(self.scores) != len(pairs):
             raise ConfigError(f"the checkpoint holds reference scores of {len(self.scores)} pairs but the data has {len(pairs)}")
-        self.model: torch.nn.Module | None = None
+        self.model = None if bool(self.scored.all()) else model  # a reference already loaded is used, not loaded again
 
     @torch.no_grad()
     def __call__(self, idx: list[int]) -> torch.Tensor:
@@ -191,7 +191,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     def load_reference() -> torch.nn.Module:
         return load_causal_lm(ref_path).eval().requires_grad_(False)
 
-    ref_model = ref_train = ref_eval = cached = None
+    ref_model = ref_train = ref_eval = cached = scorer = None
     cache = run_dir / "ref_logps.pt"
     if cfg.reference == "precompute" and cache.is_file():
         stored = torch.load(cache, weights_only=True)
@@ -212,7 +212,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         elif cfg.reference == "live":
             ref_model = scorer
     if cfg.reference == "cached":
-        cached = CachedReference(load_reference, pairs, pad, cfg, state)
+        cached = CachedReference(load_reference, pairs, pad, cfg, state, None if scorer is model else scorer)
+    del scorer  # a separate reference lives on only as ref_model (live) or in the cache, which releases it
     if ref_train is not None and len(ref_train) != len(pairs):
         raise ConfigError(f"{cache} holds {len(ref_train)} pairs but the data has {len(pairs)}")
 
