@@ -55,11 +55,15 @@ def embedded_model() -> Path:
 
 @pytest.fixture(scope="session")
 def sft_model(tmp_path_factory, embedded_model) -> Path:
-    """The quickstart's SFT recipe (300 steps × 64 from the embedded model): where alignment starts."""
+    """The quickstart's SFT recipe (500 steps × 64 from the embedded model): where alignment starts."""
     from tether import sft
     from tether.modeling import default_dtype
+    from tether.quickstart import QuickstartConfig
+
+    q = QuickstartConfig()
 
     r = sft.train(sft.SFTConfig(model=str(embedded_model), output_dir=str(tmp_path_factory.mktemp("sft") / "run"),
-                                max_steps=300, batch_size=64, micro_batch_size=64, eval_data="none", progress=False,
+                                max_steps=q.sft_steps, lr=q.sft_lr, batch_size=q.sft_batch_size,
+                                micro_batch_size=q.sft_batch_size, eval_data="none", progress=False,
                                 report=False, dtype=default_dtype()))
     return r.final_dir

@@ -81,7 +81,7 @@ def autocast(dtype: str, math_attention: bool = False):
     a shared, cached context), where the flash kernel's backward took 39% of a GRPO update, and the
     reward-model, attribute and DPO forwards (steps ~18% faster on the peer fixture). SFT, and with
     it the embedded model's pretraining, keeps the flash kernel: switching changes the trajectory of
-    the quickstart's 300-step SFT stage, which stops mid-transition, and its seed-0 model then is a
+    the quickstart's SFT stage, which stops mid-transition, and its seed-0 model then is a
     poor start for RL (on one host GRPO lost 3 points from it; on another PPO learned nothing from it
     in two minutes, with either critic). The learning tests start from that model, so SFT keeps the
     flash kernel until they no longer hinge on one SFT trajectory (figures in the README). With CUDA
