@@ -184,14 +184,14 @@ def test_dpo_learns_arithmetic(sft_model, tmp_path):
     """From the quickstart's SFT model: DPO with an NLL anchor on the chosen answers (RPO), the
     quickstart's 520 steps on 16,000 generated pairs, 1,000 held-out pairs (every held-out problem
     equally likely, as for greedy accuracy). Issue 4 asks for +10 points and 90% within a minute of
-    training; the minute is measured, not asserted. Measured: from the AMD EPYC host's 39.0% SFT model,
-    56.7% (+17.7) and 94.8% preference accuracy in 51-63 s of training; from the 20.3% SFT model that an
-    Intel Xeon host's build of the embedded model gives, 31.7% (+11.3) and 89.3% in 73 s. The
-    preference-accuracy bound holds from both starts (README)."""
+    training; the minute is measured, not asserted. Measured on an Intel Xeon host, from the 500-step SFT
+    models of seeds 0 / 1 (39.3% / 38.3%): 58.0% (+18.7) / 50.7% (+12.4) greedy, 94.2% / 94.5% preference
+    accuracy, in 96-103 s of training (README). From the 300-step SFT model of earlier versions (20.3%),
+    preference accuracy stopped at 89.3%."""
     from tether.modeling import default_dtype
 
     r = dpo.train(dpo.DPOConfig(model=str(sft_model), output_dir=str(tmp_path / "dpo"), max_steps=520, lr=1e-4,
                                 loss_type=["sigmoid", "sft"], arith_pairs=16000, eval_pairs=1000, eval_samples=300,
                                 progress=False, report=False, dtype=default_dtype()))
     assert r.eval_after["accuracy"] >= r.eval_before["accuracy"] + 0.10, (r.eval_before, r.eval_after)
-    assert r.eval_after["pref_accuracy"] >= 0.88, r.eval_after
+    assert r.eval_after["pref_accuracy"] >= 0.90, r.eval_after

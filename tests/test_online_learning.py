@@ -6,8 +6,9 @@ number of steps: GRPO 75, PPO (value-head critic) 110, about two minutes each on
 earlier stops (1.6 s and 1.06 s a step) and 4-5 minutes on an Intel Xeon host (3.6 s and 2.6 s). Wall
 time is measured, not asserted (README). Issue 5 asks for +15 points in two minutes; what these budgets
 reach is in the README and below, so the thresholds here are lower. The embedded model was built on
-each machine until tether shipped one build (the Intel host's, from which SFT gives 23% here; the AMD
-host's own build gave 40%), and the thresholds hold from both starts."""
+each machine until tether shipped one build (the Intel host's). The SFT model here is the quickstart's
+500-step one (39.7% on this evaluation), about where the AMD host's own build reached in 300 steps; the
+300-step SFT model of the shipped build (23%) passed the same thresholds."""
 
 import pytest
 
@@ -37,13 +38,14 @@ def check(result, min_gain: float):
 def test_grpo_learns_arithmetic(sft_model, tmp_path):
     r = grpo.train(grpo.GRPOConfig(model=str(sft_model), output_dir=str(tmp_path / "grpo"), max_steps=75,
                                    eval_samples=300, progress=False, report=False, dtype=default_dtype()))
-    check(r, min_gain=0.03)  # measured: +11.7 (AMD host), +7.3 (Intel host)
+    check(r, min_gain=0.03)  # measured: +8.3 (Intel host, 500-step SFT), +7.3 (300-step), +11.7 (AMD host)
 
 
 def test_ppo_learns_arithmetic(sft_model, tmp_path):
     r = ppo.train(ppo.PPOConfig(model=str(sft_model), output_dir=str(tmp_path / "ppo"), max_steps=110,
                                 eval_samples=300, progress=False, report=False, dtype=default_dtype()))
     # measured: +12.0 on the AMD host (value head sharing the backbone, the default until this version);
-    # on the Intel host +3.7 with the detached head (sampled reward 0.229 -> 0.298), +1.3 shared. PPO's
+    # on the Intel host, from the 300-step SFT model, +3.7 with the detached head (sampled reward 0.229 ->
+    # 0.298), +1.3 shared; from the 500-step one the quickstart's 90 steps gain +10.3. PPO's
     # greedy gain depends on the start more than GRPO's (README), so only "no loss" is asserted here
     check(r, min_gain=0.0)
