@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -96,6 +97,30 @@ def autocast(dtype: str, math_attention: bool = False):
         yield
 
 
+# Compiled backbones, by model: see compile_backbone. Weak keys: a model that goes away takes its
+# compiled backbone with it.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_backbone(model) -> None:
+    """Run ``model``'s backbone under ``torch.compile`` (inductor) in the training forwards of
+    :func:`target_logits` and :func:`packed_pair_hidden`, where gradients are on.
+
+    Inductor fuses the element-wise work (RMSNorm, rotary, SiLU, autocast's casts) that takes two
+    thirds of a small model's step on CPU: quickstart DPO and SFT steps 1.3x faster on 2 cores, after
+    a first step of about a minute spent compiling (README, Benchmarks). ``dynamic=True`` keeps one graph for
+    every batch shape. Generation and no-grad scoring keep the eager module: the KV-cache paths would
+    each compile again for little work."""
+    _COMPILED[model] = torch.compile(model.base_model, dynamic=True)
+
+
+def backbone(model):
+    """The module that runs ``model``'s backbone here: its compiled form where
+    :func:`compile_backbone` was called and gradients are on, else ``model.base_model``."""
+    compiled = _COMPILED.get(model)
+    return compiled if compiled is not None and torch.is_grad_enabled() else model.base_model
+
+
 def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, V) and targets (n,) at the positions that carry a loss, and only there.
 
@@ -108,7 +133,7 @@ def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]
     if getattr(model.config, "final_logit_softcapping", None):  # heads that post-process logits
         logits = model(**kwargs).logits
         return logits[sel], batch.targets[sel]
-    hidden = model.base_model(**kwargs).last_hidden_state  # (B, T, H)
+    hidden = backbone(model)(**kwargs).last_hidden_state  # (B, T, H)
     return model.get_output_embeddings()(hidden[sel]), batch.targets[sel]
 
 
@@ -133,8 +158,8 @@ def _pair_mask(model, batch) -> torch.Tensor:
 def packed_pair_hidden(model, batch) -> torch.Tensor:
     """Backbone hidden states (B·T, H) of a :class:`tether.data.PairBatch`, under its custom
     attention (a 4D mask transformers passes through unchanged)."""
-    hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                              attention_mask=_pair_mask(model, batch), use_cache=False).last_hidden_state
+    hidden = backbone(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                             attention_mask=_pair_mask(model, batch), use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
 
 

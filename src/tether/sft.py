@@ -18,7 +18,8 @@ from .arith import sft_rows
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
+from .modeling import (autocast, compile_backbone, load_causal_lm, load_tokenizer, padding_id, resolve_model_path,
+                       target_logits)
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class SFTConfig(runs.OfflineConfig):
     max_new_tokens: int = Field(16, ge=1, description="generation budget of the evaluation")
     overlong: Literal["drop", "truncate"] = Field("drop", description="rows longer than max_length: drop (counted) or truncate")
     packing: bool = Field(False, description="pack several rows into each max_length row (attention stays within each row)")
+    torch_compile: bool = Field(False, description="torch.compile the backbone's training forward (inductor): about 1.3x faster steps on CPU after a first step of about a minute spent compiling; for long runs")
 
 
 @dataclass
@@ -78,6 +80,8 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.train()
+    if cfg.torch_compile:
+        compile_backbone(model)
     pad = padding_id(tokenizer)
     items, stats = load_examples(cfg, tokenizer, rows)
 
