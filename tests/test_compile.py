@@ -1,18 +1,21 @@
-"""``torch_compile=true``: the same training maths through inductor (slow: compiling takes minutes on 2 cores)."""
+"""``torch_compile=true``: the same training maths through inductor (the comparison is slow: compiling takes
+minutes on 2 cores), and a clear error where inductor cannot build."""
 
 import pytest
 import torch
 
 from tether import dpo, sft
+from tether.modeling import has_cxx_compiler
 from tether.runlog import read_metrics
 
-pytestmark = pytest.mark.slow
 
 
 def losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor needs a C++ compiler on CPU")
 def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
     """Three fp32 SFT steps and three DPO steps give the losses of eager mode (to 1e-4: inductor fuses and
     reorders float32 sums), and the compiled graphs did run: dynamo counts the frames it compiled."""
@@ -35,3 +38,16 @@ def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
     for e, c in zip(eager, compiled):
         assert len(e) == len(c) == 3
         assert c == pytest.approx(e, rel=1e-4, abs=1e-5)
+
+
+def test_torch_compile_without_a_compiler_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from tether.config import ConfigError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = sft.SFTConfig(model=str(tiny_model), output_dir=str(tmp_path / "sft"), max_steps=1, arith_rows=8,
+                        eval_data="none", progress=False, report=False, torch_compile=True)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        sft.train(cfg)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import shutil
 import weakref
 from pathlib import Path
 
 import torch
 
+from .config import ConfigError
 from .data import IGNORE, TokenBatch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,7 +113,14 @@ def compile_backbone(model) -> None:
     a first step of about a minute spent compiling (README, Benchmarks). ``dynamic=True`` keeps one graph for
     every batch shape. Generation and no-grad scoring keep the eager module: the KV-cache paths would
     each compile again for little work."""
+    if not torch.cuda.is_available() and not has_cxx_compiler():
+        raise ConfigError("torch_compile=true needs a C++ compiler (g++ or clang++): inductor builds its CPU kernels with it")
     _COMPILED[model] = torch.compile(model.base_model, dynamic=True)
+
+
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler that inductor's CPU backend can use is on the PATH."""
+    return any(shutil.which(c) for c in ("g++", "clang++", "c++"))
 
 
 def backbone(model):
