@@ -110,9 +110,9 @@ def compile_backbone(model) -> None:
 
     Inductor fuses the element-wise work (RMSNorm, rotary, SiLU, autocast's casts) that takes two
     thirds of a small model's step on CPU: quickstart DPO and SFT steps 1.3x faster on 2 cores, after
-    a first step of about a minute spent compiling (README, Benchmarks). ``dynamic=True`` keeps one graph for
-    every batch shape. Generation and no-grad scoring keep the eager module: the KV-cache paths would
-    each compile again for little work."""
+    a first step of about a minute spent compiling (README, Benchmarks). ``dynamic=True`` keeps one
+    graph for every batch shape. Generation and no-grad scoring keep the eager module: the KV-cache
+    paths would each compile again for little work."""
     if not torch.cuda.is_available() and not has_cxx_compiler():
         raise ConfigError("torch_compile=true needs a C++ compiler (g++ or clang++): inductor builds its CPU kernels with it")
     _COMPILED[model] = torch.compile(model.base_model, dynamic=True)
