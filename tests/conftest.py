@@ -61,7 +61,6 @@ def sft_model(tmp_path_factory, embedded_model) -> Path:
     from tether.quickstart import QuickstartConfig
 
     q = QuickstartConfig()
-
     r = sft.train(sft.SFTConfig(model=str(embedded_model), output_dir=str(tmp_path_factory.mktemp("sft") / "run"),
                                 max_steps=q.sft_steps, lr=q.sft_lr, batch_size=q.sft_batch_size,
                                 micro_batch_size=q.sft_batch_size, eval_data="none", progress=False,

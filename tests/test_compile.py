@@ -9,7 +9,6 @@ from tether.modeling import has_cxx_compiler
 from tether.runlog import read_metrics
 
 
-
 def losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
 
