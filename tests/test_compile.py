@@ -17,7 +17,9 @@ def losses(run_dir) -> list[float]:
 @pytest.mark.skipif(not has_cxx_compiler(), reason="inductor needs a C++ compiler on CPU")
 def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
     """Three fp32 SFT steps and three DPO steps give the losses of eager mode (to 1e-4: inductor fuses and
-    reorders float32 sums), and the compiled graphs did run: dynamo counts the frames it compiled."""
+    reorders float32 sums), and the compiled graphs did run: dynamo counts the frames it compiled. A
+    forward without gradients (generation, scoring) stays eager and compiles nothing more; the state
+    dict keeps its names."""
     from torch._dynamo.utils import counters
 
     def run(flag: bool) -> tuple[list[float], list[float]]:
@@ -33,7 +35,18 @@ def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
     eager = run(False)
     assert not counters["stats"]["unique_graphs"]
     compiled = run(True)
-    assert counters["stats"]["unique_graphs"] >= 2  # SFT's and DPO's forwards (and their backwards)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the decoder block's forward (and its backward), shared by every block
+
+    from tether.modeling import compile_backbone, load_causal_lm
+
+    model = load_causal_lm(tiny_model)
+    keys = list(model.state_dict())
+    compile_backbone(model)
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert list(model.state_dict()) == keys
     for e, c in zip(eager, compiled):
         assert len(e) == len(c) == 3
         assert c == pytest.approx(e, rel=1e-4, abs=1e-5)

@@ -50,7 +50,7 @@ class DPOConfig(PairsConfig):
     ref_model: str | None = Field(None, description="reference checkpoint (default: the starting policy)")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
-    torch_compile: bool = Field(False, description="torch.compile the backbone's training forward (inductor): about 1.3x faster steps on CPU after a first step of about a minute spent compiling; for long runs")
+    torch_compile: bool = Field(False, description="torch.compile each decoder block's training forward (inductor): 1.3-1.4x faster steps on CPU after a first step of about 40 s spent compiling (7 s with inductor's cache warm); for long runs")
 
     @field_validator("loss_type", mode="before")
     @classmethod
