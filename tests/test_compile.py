@@ -4,7 +4,7 @@ minutes on 2 cores), and a clear error where inductor cannot build."""
 import pytest
 import torch
 
-from tether import dpo, sft
+from tether import dpo, reward, sft
 from tether.modeling import has_cxx_compiler
 from tether.runlog import read_metrics
 
@@ -16,19 +16,20 @@ def losses(run_dir) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.skipif(not has_cxx_compiler(), reason="inductor needs a C++ compiler on CPU")
 def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
-    """Three fp32 SFT steps and three DPO steps give the losses of eager mode (to 1e-4: inductor fuses and
+    """Three fp32 steps each of SFT, DPO and the reward model give the losses of eager mode (to 1e-4: inductor fuses and
     reorders float32 sums), and the compiled graphs did run: dynamo counts the frames it compiled. A
     forward without gradients (generation, scoring) stays eager and compiles nothing more; the state
     dict keeps its names."""
     from torch._dynamo.utils import counters
 
-    def run(flag: bool) -> tuple[list[float], list[float]]:
+    def run(flag: bool) -> tuple[list[float], ...]:
         common = dict(model=str(tiny_model), max_steps=3, batch_size=8, micro_batch_size=4, eval_data="none",
                       progress=False, report=False, torch_compile=flag)
         s = sft.train(sft.SFTConfig(output_dir=str(tmp_path / f"sft-{flag}"), arith_rows=64, **common))
         d = dpo.train(dpo.DPOConfig(output_dir=str(tmp_path / f"dpo-{flag}"), arith_pairs=32,
                                     loss_type=["sigmoid", "sft"], **common))
-        return losses(s.run_dir), losses(d.run_dir)
+        r = reward.train(reward.RewardConfig(output_dir=str(tmp_path / f"rm-{flag}"), arith_pairs=32, **common))
+        return losses(s.run_dir), losses(d.run_dir), losses(r.run_dir)
 
     torch._dynamo.reset()
     counters.clear()
@@ -36,7 +37,7 @@ def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
     assert not counters["stats"]["unique_graphs"]
     compiled = run(True)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1  # the decoder block's forward (and its backward), shared by every block
+    assert graphs >= 1  # the decoder block's forward (and its backward), shared by every block and model
 
     from tether.modeling import compile_backbone, load_causal_lm
 

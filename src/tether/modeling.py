@@ -113,8 +113,9 @@ class _CompiledWhenTraining:
 
 def decoder_blocks(model) -> list[torch.nn.Module]:
     """The model's repeated transformer blocks: the modules transformers names in
-    ``_no_split_modules`` (the unit FSDP and accelerate shard by)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    ``_no_split_modules`` (the unit FSDP and accelerate shard by), of the model or of the
+    transformers model inside a wrapper (the attribute heads)."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
     return [m for m in model.modules() if type(m).__name__ in names]
 
 

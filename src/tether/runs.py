@@ -21,6 +21,7 @@ from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_s
 from .arith import ArithSpec
 from .config import Config, ConfigError
 from .data import EpochSampler
+from .modeling import compile_backbone
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class OfflineConfig(TrainConfig):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after training)")
     max_length: int = Field(128, ge=2, description="longest tokenized row; longer ones are dropped and counted")
     skip_bad_rows: bool = Field(False, description="skip and count malformed rows instead of stopping at the first")
+    torch_compile: bool = Field(False, description="torch.compile each decoder block's training forward (inductor): 1.3-1.4x faster steps on CPU after a first step of about 40 s spent compiling (7 s with inductor's cache warm); for long runs")
 
     def arith_eval(self, rows: Any = None) -> bool:
         """Whether to evaluate on the arithmetic world's held-out split."""
@@ -252,6 +254,8 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
     (the caller finds it in ``state`` when resuming).
     """
     t_start = time.time()
+    if getattr(cfg, "torch_compile", False):
+        compile_backbone(model)  # before the optimizer: the parameters stay the same objects either way
     sampler = EpochSampler(n_items, cfg.seed)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)

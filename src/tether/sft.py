@@ -18,7 +18,7 @@ from .arith import sft_rows
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import (autocast, compile_backbone, load_causal_lm, load_tokenizer, padding_id, resolve_model_path,
+from .modeling import (autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path,
                        target_logits)
 from .runlog import read_metrics
 
@@ -34,7 +34,6 @@ class SFTConfig(runs.OfflineConfig):
     max_new_tokens: int = Field(16, ge=1, description="generation budget of the evaluation")
     overlong: Literal["drop", "truncate"] = Field("drop", description="rows longer than max_length: drop (counted) or truncate")
     packing: bool = Field(False, description="pack several rows into each max_length row (attention stays within each row)")
-    torch_compile: bool = Field(False, description="torch.compile each decoder block's training forward (inductor): 1.3-1.4x faster steps on CPU after a first step of about 40 s spent compiling (7 s with inductor's cache warm); for long runs")
 
 
 @dataclass
@@ -80,8 +79,6 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.train()
-    if cfg.torch_compile:
-        compile_backbone(model)
     pad = padding_id(tokenizer)
     items, stats = load_examples(cfg, tokenizer, rows)
 
