@@ -39,11 +39,11 @@ def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1  # the decoder block's forward (and its backward), shared by every block and model
 
-    from tether.modeling import compile_backbone, load_causal_lm
+    from tether.modeling import compile_blocks, load_causal_lm
 
     model = load_causal_lm(tiny_model)
     keys = list(model.state_dict())
-    compile_backbone(model)
+    compile_blocks(model)
     with torch.no_grad():
         model(torch.tensor([[3, 4, 5]]))
     assert counters["stats"]["unique_graphs"] == graphs

@@ -119,7 +119,7 @@ def decoder_blocks(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_backbone(model) -> None:
+def compile_blocks(model) -> None:
     """Compile each of ``model``'s decoder blocks for its training forwards (regional compilation).
 
     Inductor fuses the element-wise work (RMSNorm, rotary, SiLU, autocast's casts) that takes two

@@ -21,7 +21,7 @@ from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_s
 from .arith import ArithSpec
 from .config import Config, ConfigError
 from .data import EpochSampler
-from .modeling import compile_backbone
+from .modeling import compile_blocks
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
     """
     t_start = time.time()
     if getattr(cfg, "torch_compile", False):
-        compile_backbone(model)  # before the optimizer: the parameters stay the same objects either way
+        compile_blocks(model)  # before the optimizer: the parameters stay the same objects either way
     sampler = EpochSampler(n_items, cfg.seed)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
