@@ -20,8 +20,8 @@ from .config import ConfigError
 from .data import PairExample, collate, collate_pairs
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
-from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id,
-                       resolve_model_path, token_logps)
+from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id, resolve_model_path,
+                       token_logps)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 

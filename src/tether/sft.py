@@ -18,8 +18,7 @@ from .arith import sft_rows
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import (autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path,
-                       target_logits)
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
