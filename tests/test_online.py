@@ -12,8 +12,10 @@ from tether.rewards import RewardSet, arith_exact_match, make_rewards
 
 
 def small(cls, tiny_model, tmp_path, **kw):
+    """A few-step run; final/ is the last iterate (``ema_decay=0``) unless a test asks for the average."""
     base = dict(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=3, prompts_per_step=2,
-                num_generations=4, max_new_tokens=6, eval_samples=8, progress=False, report=False, lr=1e-3)
+                num_generations=4, max_new_tokens=6, eval_samples=8, progress=False, report=False, lr=1e-3,
+                ema_decay=0.0)
     return cls(**{**base, **kw})
 
 
@@ -107,7 +109,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
 
 
 @pytest.mark.parametrize("cls,module,extra", [
-    (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2)),
+    (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2, ema_decay=0.9)),
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
 ])
@@ -127,6 +129,26 @@ def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, ext
 
     wa, wb = load_file(full.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_final_model_is_the_weight_average(tiny_model, tmp_path):
+    """ema_decay=d: final/ holds W_3 = d³ W_0 + d²(1-d) θ_1 + d(1-d) θ_2 + (1-d) θ_3 from the start W_0 and
+    the iterates θ_t of the checkpoints (torch.optim.swa_utils' EMA, started from the starting weights);
+    the logged eval_accuracy is the average's and eval_accuracy_policy the last iterate's."""
+    from safetensors.torch import load_file
+
+    d = 0.7
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, ema_decay=d, save_every=1, keep_checkpoints=5,
+                         lr=1e-2))
+    thetas = [load_file(tiny_model / "model.safetensors")]
+    thetas += [load_file(r.run_dir / "checkpoints" / f"step-{t:08d}" / "model.safetensors") for t in (1, 2, 3)]
+    weights = [d ** 3, d ** 2 * (1 - d), d * (1 - d), 1 - d]
+    final = load_file(r.final_dir / "model.safetensors")
+    for k in final:
+        torch.testing.assert_close(final[k], sum(w * th[k] for w, th in zip(weights, thetas)), rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(final[k], thetas[3][k]) for k in final)  # not the last iterate
+    last = [m for m in metrics(r.run_dir) if "eval_accuracy" in m][-1]
+    assert last["step"] == 3 and "eval_accuracy_policy" in last
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -5,7 +5,8 @@ its sampled reward and greedy held-out accuracy and keep the KL to the reference
 number of steps: GRPO 75, PPO (value-head critic) 110, about two minutes each on the AMD EPYC host of
 earlier stops (1.6 s and 1.06 s a step) and 4-5 minutes on an Intel Xeon host (3.6 s and 2.6 s). Wall
 time is measured, not asserted (README). Issue 5 asks for +15 points in two minutes; what these budgets
-reach is in the README and below, so the thresholds here are lower. The embedded model was built on
+reach is in the README and below (+10 to +12 with the weight average that final/ holds), so the
+thresholds here are lower. The embedded model was built on
 each machine until tether shipped one build (the Intel host's). The SFT model here is the quickstart's
 500-step one (39.7% on this evaluation), about where the AMD host's own build reached in 300 steps; the
 300-step SFT model of the shipped build (23%) passed the same thresholds."""
@@ -38,14 +39,17 @@ def check(result, min_gain: float):
 def test_grpo_learns_arithmetic(sft_model, tmp_path):
     r = grpo.train(grpo.GRPOConfig(model=str(sft_model), output_dir=str(tmp_path / "grpo"), max_steps=75,
                                    eval_samples=300, progress=False, report=False, dtype=default_dtype()))
-    check(r, min_gain=0.03)  # measured: +8.3 (Intel host, 500-step SFT), +7.3 (300-step), +11.7 (AMD host)
+    # measured with the weight average (ema_decay 0.95, the default; Intel host, 500-step SFT): +12.0 (seed 0),
+    # +12.3 (seed 1); the last iterates gained +9.0 / +7.3. Before the average: +8.3, +7.3 from the 300-step
+    # SFT model, +11.7 on the AMD host
+    check(r, min_gain=0.06)
 
 
 def test_ppo_learns_arithmetic(sft_model, tmp_path):
     r = ppo.train(ppo.PPOConfig(model=str(sft_model), output_dir=str(tmp_path / "ppo"), max_steps=110,
                                 eval_samples=300, progress=False, report=False, dtype=default_dtype()))
-    # measured: +12.0 on the AMD host (value head sharing the backbone, the default until this version);
-    # on the Intel host, from the 300-step SFT model, +3.7 with the detached head (sampled reward 0.229 ->
-    # 0.298), +1.3 shared; from the 500-step one the quickstart's 90 steps gain +10.3. PPO's
-    # greedy gain depends on the start more than GRPO's (README), so only "no loss" is asserted here
-    check(r, min_gain=0.0)
+    # measured with the weight average (the default): +10.3 on the Intel host (the last iterate +8.3). Before
+    # it: +12.0 on the AMD host (value head sharing the backbone); on the Intel host, from the 300-step SFT
+    # model, +3.7 with the detached head, +1.3 shared. PPO's greedy gain depends on the start more than
+    # GRPO's (README), hence the lower bar
+    check(r, min_gain=0.03)

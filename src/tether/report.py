@@ -11,6 +11,8 @@ PANELS = {"loss": "training loss", "eval_accuracy": "held-out exact-match accura
           "eval_pairwise_accuracy": "held-out pairwise accuracy (reward model)",
           "reward": "mean sampled reward (online RL)", "kl": "KL(π_θ || π_ref) per sequence",
           "entropy": "policy entropy per token", "completion_length": "completion length (tokens)"}
+# drawn dashed in the panel of another key: the online trainers' last iterate beside their weight average
+COMPANIONS = {"eval_accuracy": ("eval_accuracy_policy", "last iterate")}
 
 
 def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
@@ -36,12 +38,17 @@ def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=name, color=f"C{i}")
+            other, what = COMPANIONS.get(key, (None, ""))
+            pts = [(offset + r["step"], r[other]) for r in records if isinstance(r.get(other), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, ls="--", lw=1, label=f"{name} ({what})", color=f"C{i}")
         offset += last
     for ax, key in zip(axes, keys):
         ax.set_title(PANELS[key])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(stages) > 1:
+        if len(ax.get_lines()) > 1:
             ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
