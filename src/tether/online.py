@@ -376,9 +376,9 @@ class Session:
         record = {"eval_accuracy": ev["accuracy"]}
         if self.ema is not None:
             record["eval_accuracy_policy"] = ev["accuracy"]
-        if self.ema is not None and step > 0:  # at step 0 the average is the policy
-            ev = score_completions(self.eval_rows, engine_texts(self.ema_engine, self.tokenizer, prompts, greedy))
-            record["eval_accuracy"] = ev["accuracy"]
+            if step > 0:  # at step 0 the average is the policy
+                ev = score_completions(self.eval_rows, engine_texts(self.ema_engine, self.tokenizer, prompts, greedy))
+                record["eval_accuracy"] = ev["accuracy"]
         self.logger.log(step, record, advance=False)
         return ev
 
