@@ -99,6 +99,30 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     draws = sample(filter_logits(logits.expand(20000, 4), top_k=3), g)
     freq = torch.bincount(draws, minlength=4).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
+    # rows that share one distribution (completions with the same history) each draw their own token
+    shared = sample(filter_logits(logits, top_k=3), g, rows=torch.zeros(20000, dtype=torch.long))
+    freq = torch.bincount(shared, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_completions_with_the_same_history_share_one_forward(lm, etok, temperature):
+    """The engine feeds each distinct (prompt, tokens so far) once per step: the count it reports is
+    that of the distinct live prefixes of its own output, fewer than the rows whenever completions of
+    a prompt agree (greedy: all n of them)."""
+    n = 4
+    r = TorchEngine(lm, etok, seed=5).generate(prompts(etok), SamplingParams(max_new_tokens=10, temperature=temperature, n=n))
+    ids, lengths = r.completion_ids.tolist(), r.mask.sum(-1).tolist()
+    distinct = rows = 0
+    for t in range(int(r.stats["gen_steps"]) - 1):  # the forward after step t feeds token t of rows still going
+        live = [i for i in range(len(ids)) if lengths[i] > t + 1]
+        rows += len(live)
+        distinct += len({(i // n, tuple(ids[i][:t + 1])) for i in live})
+    assert r.stats["gen_forward_rows"] == distinct
+    if temperature == 0:
+        assert all(ids[i] == ids[i - i % n] for i in range(len(ids)))
+        assert distinct * n == rows
+    assert distinct < rows
 
 
 def test_bad_prompts_are_refused(lm, etok):

@@ -80,14 +80,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from softmax(logits) by inverting the CDF with one uniform per row.
+def sample(logits: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row from softmax(logits) by inverting the CDF with one uniform per row; with
+    ``rows`` (R,), R tokens, row j drawn from ``logits[rows[j]]`` (completions that share a history
+    share its logits).
 
     ``torch.multinomial`` draws an exponential per vocabulary entry (B·V random numbers, a fifth of a
     small model's decode step on CPU); this draws B."""
     cdf = logits.softmax(-1).cumsum(-1)
+    if rows is not None:
+        cdf = cdf[rows]
     # u in [0, total): the first index with cdf > u never lands on a zero-probability token
-    u = torch.rand(logits.shape[0], 1, generator=generator).to(logits.device) * cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, generator=generator).to(logits.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=logits.shape[-1] - 1)[:, 0]
 
 
@@ -130,15 +134,16 @@ class TorchEngine:
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn[:, :P].cumsum(-1) - 1).clamp(min=0)
 
-        # the prompt is computed once, then its KV cache is repeated for its n completions
+        # The cache holds one row per distinct history ("node"), not one per completion: the prompt is
+        # computed once for its n completions, and completions that sampled the same tokens so far share
+        # one forward until they differ. In the arithmetic world a group's completions restate the same
+        # equation and differ in the answer's digits, and only a sixth of the rows' decode steps are
+        # distinct (README). Each row still draws its own token from its node's distribution.
         cache = _kv_cache(model, P + L)
         kv = with_cache(model, cache)
         with autocast(self.dtype):
             logits = model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, **kv,
-                           logits_to_keep=1).logits[:, -1].float()
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits, attn, pos = (x.repeat_interleave(n, dim=0) for x in (logits, attn, pos))
+                           logits_to_keep=1).logits[:, -1].float()  # (nodes, V)
         attn[:, P:] = 1  # generated columns; rows that stopped leave the batch instead of being masked
         # the lean decode step needs the buffer cache; it snapshots the weights now, as they are
         decoder = lean_decoder(model, self.dtype) if self.lean and hasattr(cache.layers[0], "kbuf") else None
@@ -147,19 +152,20 @@ class TorchEngine:
         out_lp = torch.zeros(N, L, device=device)
         length = torch.zeros(N, dtype=torch.long, device=device)
         stopped = torch.zeros(N, dtype=torch.bool, device=device)
-        live = torch.arange(N, device=device)  # rows still generating, in the order of the cache
+        live = torch.arange(N, device=device)  # rows still generating
+        node = torch.div(live, n, rounding_mode="floor")  # each live row's node: its row of the cache
         step_pos = pos[:, -1:]
         stop_checker = _StopStrings(self.tokenizer, params.stop, N) if params.stop else None
         temp = params.temperature if params.temperature > 0 else 1.0
-        t = 0
+        t, fed = 0, 0
         for t in range(L):
             logp = torch.log_softmax(logits / temp, dim=-1)
             if params.temperature <= 0:
-                tok = logp.argmax(-1)
+                tok = logp.argmax(-1)[node]
             else:
-                tok = sample(filter_logits(logp, params.top_k, params.top_p), self.generator)
+                tok = sample(filter_logits(logp, params.top_k, params.top_p), self.generator, node)
             out_ids[live, t] = tok
-            out_lp[live, t] = logp.gather(-1, tok[:, None])[:, 0]
+            out_lp[live, t] = logp[node, tok]
             length[live] += 1
             end = tok == self.eos if self.eos is not None else torch.zeros_like(tok, dtype=torch.bool)
             if stop_checker is not None:
@@ -167,12 +173,19 @@ class TorchEngine:
             if t == L - 1 or bool(end.all()):
                 stopped[live] = end
                 break
-            if bool(end.any()):  # drop finished rows from the batch and the cache
+            if bool(end.any()):  # finished rows leave the batch
                 stopped[live[end]] = True
                 keep = (~end).nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                live, tok, attn, step_pos = live[keep], tok[keep], attn[keep], step_pos[keep]
+                live, tok, node = live[keep], tok[keep], node[keep]
+            # the next nodes: the distinct (node, token) pairs of the live rows
+            V = logits.shape[-1]
+            pairs, node = torch.unique(node * V + tok, return_inverse=True)
+            parent, tok = torch.div(pairs, V, rounding_mode="floor"), pairs % V
+            if len(parent) != len(logits) or bool((parent != torch.arange(len(parent), device=device)).any()):
+                cache.batch_select_indices(parent)  # a node that split is copied, a finished one dropped
+                attn, step_pos = attn[parent], step_pos[parent]
             step_pos = step_pos + 1
+            fed += len(parent)
             if decoder is not None:
                 logits = decoder(tok, step_pos, cache, attn[:, :P + t + 1])
             else:
@@ -190,7 +203,7 @@ class TorchEngine:
                                             skip_special_tokens=True)
         rows = [p for p in prompts for _ in range(n)]
         return Rollout(rows, out_ids, mask, out_lp, texts, ~stopped.cpu(),
-                       {"gen_tokens": float(length.sum()), "gen_steps": float(t + 1)})
+                       {"gen_tokens": float(length.sum()), "gen_steps": float(t + 1), "gen_forward_rows": float(fed)})
 
 
 def _kv_cache(model, capacity: int):
@@ -219,9 +232,6 @@ def _kv_cache(model, capacity: int):
             self.n += n
             self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
             return self.keys, self.values
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self._set(self.kbuf.repeat_interleave(repeats, dim=0), self.vbuf.repeat_interleave(repeats, dim=0))
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self._set(self.kbuf[indices], self.vbuf[indices])
