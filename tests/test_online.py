@@ -131,15 +131,16 @@ def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, ext
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_final_model_is_the_weight_average(tiny_model, tmp_path):
+def test_final_model_is_the_weight_average(tiny_model, tmp_path, monkeypatch):
     """ema_decay=d: final/ holds W_3 = d³ W_0 + d²(1-d) θ_1 + d(1-d) θ_2 + (1-d) θ_3 from the start W_0 and
     the iterates θ_t of the checkpoints (torch.optim.swa_utils' EMA, started from the starting weights);
     the logged eval_accuracy is the average's and eval_accuracy_policy the last iterate's."""
     from safetensors.torch import load_file
 
     d = 0.7
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)  # rewards that differ
     r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, ema_decay=d, save_every=1, keep_checkpoints=5,
-                         lr=1e-2))
+                         lr=1e-2, reward="by_length"))
     thetas = [load_file(tiny_model / "model.safetensors")]
     thetas += [load_file(r.run_dir / "checkpoints" / f"step-{t:08d}" / "model.safetensors") for t in (1, 2, 3)]
     weights = [d ** 3, d ** 2 * (1 - d), d * (1 - d), 1 - d]
@@ -147,6 +148,7 @@ def test_final_model_is_the_weight_average(tiny_model, tmp_path):
     for k in final:
         torch.testing.assert_close(final[k], sum(w * th[k] for w, th in zip(weights, thetas)), rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(final[k], thetas[3][k]) for k in final)  # not the last iterate
+    assert any(not torch.allclose(thetas[3][k], thetas[0][k]) for k in final)  # which did move
     last = [m for m in metrics(r.run_dir) if "eval_accuracy" in m][-1]
     assert last["step"] == 3 and "eval_accuracy_policy" in last
 

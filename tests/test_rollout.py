@@ -152,25 +152,26 @@ def test_shared_prompt_logps_and_gradients_equal_separate_rows(lm, etok):
 
 
 def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, etok):
-    """Rows with one prompt share the states of their completions' common first tokens: identical
-    completions, prefixes of different lengths, a one-token row (nothing to share), an empty row
-    and a lone prompt give the separate rows' log-probs, entropies, hidden states and gradients."""
+    """Rows with one prompt share the states of every completion prefix they have in common (a prefix
+    tree): identical completions, branches at different depths, a one-token row, an empty row and a
+    lone prompt give the separate rows' log-probs, entropies, hidden states and gradients."""
     from tether.online import completion_hidden, completion_logps, completion_states
 
     p = prompts(etok, 4)
-    rows = [(0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]),  # identical: share 4
-            (1, [9, 10, 11, 12, 13, 0]), (1, [9, 10, 11, 0]), (1, [9, 10, 14, 15, 16, 17, 0]),  # share 2
-            (2, [20, 21, 0]), (2, [0]),  # a one-token row: share 0
-            (3, [30, 31, 32, 0]),  # alone: share 3
-            (1, [])]  # an empty row (its mask is all 0), in group 1: shares nothing, so group 1 shares 0
+    rows = [(0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]),  # identical
+            (1, [9, 10, 11, 12, 13, 0]), (1, [9, 10, 11, 0]), (1, [9, 10, 14, 15, 16, 17, 0]),  # branch at 2 and 3
+            (2, [20, 21, 0]), (2, [0]),  # a one-token row
+            (3, [30, 31, 32, 0]),  # alone
+            (1, [])]  # an empty row (its mask is all 0)
     L = max(len(c) for _, c in rows)
     comp = torch.tensor([c + [etok.pad_token_id] * (L - len(c)) for _, c in rows])
     mask = torch.tensor([[1] * len(c) + [0] * (L - len(c)) for _, c in rows])
     pr = [p[g] for g, _ in rows]
     lens = mask.sum(-1)
-    # distinct states: group 0: 4 + 1 shared then 0 of its own; group 1: 0 + 1 shared, then each row
-    # its length - 1; group 2: 1 shared, then 3 - 1 and 1 - 1 own; group 3: 3 + 1 shared
-    expected = (5 + 0) + (1 + (6 - 1) + (4 - 1) + (7 - 1)) + (1 + (3 - 1) + 0) + 4
+    # distinct states: each prompt's last token, then each distinct prefix fed (all but a row's last
+    # token). Group 0: 1 + 4; group 1: 1 + [9] [9 10] [9 10 11] [.. 12] [.. 13] + [9 10 14] [.. 15] [.. 16]
+    # [.. 17]; group 2: 1 + [20] [20 21]; group 3: 1 + 3
+    expected = (1 + 4) + (1 + 5 + 4) + (1 + 2) + (1 + 3)
     assert len(completion_states(lm, pr, comp, mask, pad=etok.pad_token_id).hidden) == expected
     assert expected < int(lens.sum())
     out = {}
