@@ -151,7 +151,8 @@ def test_shared_prompt_logps_and_gradients_equal_separate_rows(lm, etok):
     lm.zero_grad()
 
 
-def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, etok):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the tree's 4-D mask: boolean, or added to the scores
+def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, etok, attention):
     """Rows with one prompt share the states of every completion prefix they have in common (a prefix
     tree): identical completions, branches at different depths, a one-token row, an empty row and a
     lone prompt give the separate rows' log-probs, entropies, hidden states and gradients."""
@@ -172,6 +173,7 @@ def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, eto
     # token). Group 0: 1 + 4; group 1: 1 + [9] [9 10] [9 10 11] [.. 12] [.. 13] + [9 10 14] [.. 15] [.. 16]
     # [.. 17]; group 2: 1 + [20] [20 21]; group 3: 1 + 3
     expected = (1 + 4) + (1 + 5 + 4) + (1 + 2) + (1 + 3)
+    lm.set_attn_implementation(attention)
     assert len(completion_states(lm, pr, comp, mask, pad=etok.pad_token_id).hidden) == expected
     assert expected < int(lens.sum())
     out = {}
@@ -187,6 +189,7 @@ def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, eto
     assert (out[True][0][mask.bool()] < 0).all() and (out[True][0][~mask.bool()] == 0).all()
     assert out[True][4].abs().sum() > 0
     lm.zero_grad()
+    lm.set_attn_implementation("sdpa")
 
 
 # ---------------------------------------------------------------------------------------------

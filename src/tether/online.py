@@ -463,7 +463,8 @@ def completion_states(model, prompts: list[list[int]], completions: torch.Tensor
     keys = [tuple(p) for p in prompts]
     uniq = {key: j for j, key in enumerate(dict.fromkeys(keys))}
     with autocast(dtype, math_attention=True):
-        if share_prompts and len(uniq) < len(prompts):
+        tree_attention = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")  # 4-D masks
+        if share_prompts and tree_attention and len(uniq) < len(prompts):
             hidden, index = _trie_states(model, list(uniq), torch.tensor([uniq[key] for key in keys]),
                                          completions, lengths, pad)
         else:
@@ -588,7 +589,7 @@ def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: 
     mask[:, :, 0] = True
     mask |= (cols[None, :, None] >= cols[None, None, :]) & (cols[None, :, None] < plen[:, None, None])
     mask[ng, nc] = allowed[is_node]
-    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     out = model.base_model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
                            use_cache=False).last_hidden_state  # (U, S, H)
