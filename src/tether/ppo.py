@@ -27,8 +27,9 @@ from .online import Experience, OnlineConfig, Session, sequence_rewards_to_token
 
 
 class PPOConfig(OnlineConfig):
-    """PPO with a critic. A group per prompt is not needed (the critic is the baseline); 4 completions
-    share one prompt forward, which is cheaper than 4 prompts."""
+    """PPO with a critic. A group per prompt is not needed (the critic is the baseline), but the
+    completions of one prompt share their forwards' common prefixes, so they are cheaper than as many
+    prompts."""
 
     output_dir: str = Field("runs/ppo", description="run folder")
     critic: Literal["separate", "head"] = Field("head", description="a value head on the policy, or a separate value model (a second backbone: ~1.6x the step time; on the arithmetic world it learns less in the same wall time, README)")
@@ -43,10 +44,10 @@ class PPOConfig(OnlineConfig):
     beta: float = Field(0.05, ge=0, description="KL coefficient")
     kl_penalty: Literal["loss", "reward"] = Field("reward", description="KL as a per-token reward penalty (PPO's usual form) or a loss term")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
-    num_generations: int = Field(4, ge=1, description="completions per prompt")
+    num_generations: int = Field(8, ge=1, description="completions per prompt: those of one prompt share their forwards' common prefixes, so 8 cost 1.3x what 4 do on the arithmetic world and learn faster per second (README)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step")
     epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch")
-    mini_batches: int = Field(1, ge=1, description="optimizer updates per epoch")
+    mini_batches: int = Field(2, ge=1, description="optimizer updates per epoch (two, as GRPO: more greedy accuracy per second on the arithmetic world, README)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW) of the policy; tuned for the embedded model: ~1e-6 suits billion-parameter models")
     critic_lr: float | None = Field(None, gt=0, description="learning rate of the critic (default: 10 × lr; a critic must track the policy)")
 
