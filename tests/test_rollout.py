@@ -192,6 +192,46 @@ def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, eto
     lm.set_attn_implementation("sdpa")
 
 
+def test_completions_that_share_little_split_over_packed_rows(lm, etok, monkeypatch):
+    """A completion joins its prompt's packed tree row while that costs less than a row of its own,
+    counting a token as ``cost`` attention scores and a row of width S as S·(cost + S): completions that
+    share nothing fill several rows (in lexicographic order, each adding what it does not share with the
+    one before), completions that share their first tokens fill one. The split changes nothing else."""
+    from tether import online
+
+    comp = torch.tensor([[9, 8, 7, 6, 5], [1, 2, 3, 4, 5], [4, 4, 4, 4, 4], [1, 2, 3, 9, 9], [7, 1, 1, 1, 1]])
+    lengths, one = torch.tensor([5, 5, 5, 5, 5]), torch.zeros(5, dtype=torch.long)
+    # cost 12, prompt 3: alone 7 · 19 = 133. [1 2 3 4] opens a row at width 7; [1 2 3 9] shares 3: 8
+    # (+27); [4 4 4 4]: 12 (+128); [7 1 1 1] 16 (+160 > 133) opens a second row, 7; [9 8 7 6]: 11 (+120)
+    prompt_of, tree = online._tree_rows(one, [3], comp, lengths, 12.0)
+    assert prompt_of == [0, 0] and tree.tolist() == [1, 0, 0, 0, 1]
+    assert online._tree_rows(one, [3], comp, lengths, 1e6)[1].tolist() == [0] * 5  # attention is free
+    assert online._tree_rows(one, [3], comp[1].repeat(5, 1), lengths, 0.0)[1].tolist() == [0] * 5  # all shared
+    two = torch.tensor([0, 1, 0, 1, 0])  # two prompts never share a packed row
+    prompt_of, tree = online._tree_rows(two, [3, 4], comp, lengths, 1e6)
+    assert prompt_of == [0, 1] and tree.tolist() == [0, 1, 0, 1, 0]
+    assert 100 < online.tree_token_cost(lm) < 1e4
+
+    g = torch.Generator().manual_seed(0)  # 2 prompts × 4 completions of 30 tokens, 3 sharing 2 first tokens
+    comp = torch.randint(5, len(etok) - 1, (8, 30), generator=g)
+    comp[1:4, :2] = comp[0, :2]
+    mask = torch.ones_like(comp)
+    mask[5, 20:] = 0
+    pr = [p for p in prompts(etok, 2) for _ in range(4)]
+    out = {}
+    for cost in (1e6, 0.0):  # 0: each completion costs more in a shared row's attention than alone
+        monkeypatch.setattr(online, "tree_token_cost", lambda model: cost)
+        lm.zero_grad()
+        lp, _ = online.completion_logps(lm, pr, comp, mask, pad=etok.pad_token_id)
+        (lp * torch.linspace(0.1, 1, 30)).sum().backward()
+        n = len(online.completion_states(lm, pr, comp, mask, pad=etok.pad_token_id).hidden)
+        out[cost] = (lp.detach(), lm.model.layers[0].mlp.up_proj.weight.grad.clone(), n)
+    torch.testing.assert_close(out[0.0][0], out[1e6][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[0.0][1], out[1e6][1], atol=1e-5, rtol=1e-4)
+    assert out[0.0][2] > out[1e6][2]  # more packed rows: their prompts' states computed once each
+    lm.zero_grad()
+
+
 # ---------------------------------------------------------------------------------------------
 # the lean decode step (tether.decoding) against transformers' forward
 # ---------------------------------------------------------------------------------------------

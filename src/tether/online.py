@@ -454,7 +454,8 @@ def completion_states(model, prompts: list[list[int]], completions: torch.Tensor
     (:func:`_trie_states`): each distinct prompt + completion prefix is computed once, with gradient,
     and a row's last token, which predicts nothing, never. A micro-batch pays for distinct tokens only:
     a GRPO step's forward shrinks from 1,024 rows of ~26 tokens to 128 packed rows of ~28 (padded to
-    the longest, ~36; README).
+    the longest, ~36; README). Completions that share little are split over several packed rows
+    (:func:`_tree_rows`), where a wider row's dense attention would cost more than the tokens it saves.
     ``share_prompts=False`` runs one plain row per completion (the reference the tests compare with).
     """
     lengths = mask.sum(-1).long()
@@ -465,8 +466,10 @@ def completion_states(model, prompts: list[list[int]], completions: torch.Tensor
     with autocast(dtype, math_attention=True):
         tree_attention = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")  # 4-D masks
         if share_prompts and tree_attention and len(uniq) < len(prompts):
-            hidden, index = _trie_states(model, list(uniq), torch.tensor([uniq[key] for key in keys]),
-                                         completions, lengths, pad)
+            heads = list(uniq)
+            prompt_of, tree = _tree_rows(torch.tensor([uniq[key] for key in keys]), [len(p) for p in heads],
+                                         completions, lengths, tree_token_cost(model))
+            hidden, index = _trie_states(model, [heads[g] for g in prompt_of], tree, completions, lengths, pad)
         else:
             sel = mask.bool()
             hidden = _hidden(model, prompts, completions, mask, pad)[sel]
@@ -524,11 +527,57 @@ def _hidden(model, prompts: list[list[int]], comp: torch.Tensor, cmask: torch.Te
     return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+def tree_token_cost(model) -> float:
+    """What one token costs in a forward and backward, counted in attention scores (query-key pairs):
+    :func:`_tree_rows`' exchange rate between the tokens a packed tree row saves and the attention it
+    adds. A token's projections and MLP take 2·P FLOPs a layer (P the layer's parameters), one attention
+    score 4·d (its q·k, and p·v); on CPU SDPA's masked math kernel does a third of the FLOPs per second
+    of a matmul (peer fixture, d 256: a token ~470 scores, measured ~140 µs against ~0.3 µs for fwd+bwd)."""
+    base = getattr(model, "base_model", model)
+    d = int(model.config.hidden_size)
+    layers = getattr(base, "layers", None)
+    per_layer = sum(p.numel() for p in layers[0].parameters()) if layers is not None and len(layers) else 12 * d * d
+    return per_layer / (2 * d) / 3
+
+
+def _tree_rows(group: torch.Tensor, plen: list[int], comp: torch.Tensor, lengths: torch.Tensor, cost: float,
+               ) -> tuple[list[int], torch.Tensor]:
+    """Split each prompt's completions over packed tree rows: the prompt of each packed row and the
+    packed row of each completion.
+
+    A packed row's attention is dense over its width S (a 4-D mask), so a row of width S costs
+    S·(a + S) with ``cost`` a (:func:`tree_token_cost`). Completions that share their first tokens
+    (the arithmetic world: 8 completions fit in ~1.4 plain rows' width) belong in one row; 8 that differ
+    from their first token would make a row 8× wider, its attention 8× the plain rows', quadratic in
+    the completion length. Completions are taken in lexicographic order, so that each adds the nodes
+    past its longest common prefix with the one before (the most it shares with any earlier one), and
+    joins the current packed row when that costs less than a row of its own (prompt + its tokens).
+    A prefix shared across two packed rows is computed in both: the same states, a little more work."""
+    B, fed = len(group), (lengths - 1).clamp(min=0)  # the tokens a row feeds (its last predicts nothing)
+    order = sorted(range(B), key=lambda b: (int(group[b]), comp[b, :int(fed[b])].tolist()))
+    a, b = comp[order[:-1]], comp[order[1:]]
+    lcp = (a == b).long().cumprod(1).sum(1)
+    shared = torch.minimum(lcp, torch.minimum(fed[order[:-1]], fed[order[1:]])).tolist()
+    prompt_of: list[int] = []
+    row_tree = torch.empty(B, dtype=torch.long)
+    width = 0
+    for i, r in enumerate(order):
+        g, alone = int(group[r]), plen[int(group[r])] + int(fed[r])
+        joined = width + int(fed[r]) - (shared[i - 1] if i else 0)
+        extra = joined * (cost + joined) - width * (cost + width)  # joining: the row's new cost
+        if not prompt_of or prompt_of[-1] != g or extra > alone * (cost + alone):
+            prompt_of.append(g)
+            joined = alone
+        width = joined
+        row_tree[r] = len(prompt_of) - 1
+    return prompt_of, row_tree
+
+
 def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: torch.Tensor,
                  lengths: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`completion_states` with the completions of each prompt merged into a prefix tree: one
-    packed row per distinct prompt, its tokens, then each distinct (prompt, completion prefix) once,
-    parents before children. A 4-D attention mask lets each tree token attend to its prompt and its
+    """:func:`completion_states` with the completions of each packed row merged into a prefix tree:
+    ``group`` gives each completion's packed row and ``uniq`` each packed row's prompt; a row holds the
+    prompt's tokens, then each distinct (prompt, completion prefix) once, parents before children. A 4-D attention mask lets each tree token attend to its prompt and its
     own ancestors only, and its position is its depth, so each state equals a plain row's exactly
     (tree attention, as speculative decoding verifies a tree of drafts in one forward)."""
     U, (B, k) = len(uniq), comp.shape
