@@ -531,8 +531,9 @@ def tree_token_cost(model) -> float:
     """What one token costs in a forward and backward, counted in attention scores (query-key pairs):
     :func:`_tree_rows`' exchange rate between the tokens a packed tree row saves and the attention it
     adds. A token's projections and MLP take 2·P FLOPs a layer (P the layer's parameters), one attention
-    score 4·d (its q·k, and p·v); on CPU SDPA's masked math kernel does a third of the FLOPs per second
-    of a matmul (peer fixture, d 256: a token ~470 scores, measured ~140 µs against ~0.3 µs for fwd+bwd)."""
+    score 4·d (q·k, then the score times v); SDPA's masked math kernel on CPU does about a third of a
+    matmul's FLOPs per second. Peer fixture (d 256): 473 scores; measured, a token's forward and
+    backward ~140 µs, a score's ~0.3 µs (bench/bench_packing.py at 32 and 200 completion tokens)."""
     base = getattr(model, "base_model", model)
     d = int(model.config.hidden_size)
     layers = getattr(base, "layers", None)
@@ -577,9 +578,10 @@ def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: 
                  lengths: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`completion_states` with the completions of each packed row merged into a prefix tree:
     ``group`` gives each completion's packed row and ``uniq`` each packed row's prompt; a row holds the
-    prompt's tokens, then each distinct (prompt, completion prefix) once, parents before children. A 4-D attention mask lets each tree token attend to its prompt and its
-    own ancestors only, and its position is its depth, so each state equals a plain row's exactly
-    (tree attention, as speculative decoding verifies a tree of drafts in one forward)."""
+    prompt's tokens, then each distinct (prompt, completion prefix) once, parents before children. A
+    4-D attention mask lets each tree token attend to its prompt and its own ancestors only, and its
+    position is its depth, so each state equals a plain row's exactly (tree attention, as speculative
+    decoding verifies a tree of drafts in one forward)."""
     U, (B, k) = len(uniq), comp.shape
     # node ids: 0..U-1 the prompts (roots), then one per distinct prefix, created depth by depth
     parent_of_row = group.clone()
