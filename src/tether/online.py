@@ -32,7 +32,7 @@ from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import RunningNorm, length_correlation, make_rewards
-from .rollout import Rollout, SamplingParams, TorchEngine
+from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class OnlineConfig(runs.RunConfig):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: before and after only)")
     schedule: Literal["cosine", "constant"] = Field("constant", description="learning-rate schedule after warmup")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr, in steps")
+    engine: Literal["torch", "vllm"] = Field("torch", description="where completions are sampled: tether's engine on the policy itself (CPU or one GPU), or vLLM colocated on a GPU (pip install 'tether[vllm]'; tether.vllm_engine)")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="engine=vllm: the share of the GPU's memory vLLM keeps (weights, KV cache)")
     ema_decay: float = Field(0.95, ge=0, lt=1, description="exponential moving average of the policy's weights after each step, from the starting model (OpenRLHF's enable_ema): the model evaluated and saved as final/; the last iterate stays in the last checkpoint. 0: off, final/ is the last iterate. It averages out the noise of small-batch policy gradients (README)")
 
 
@@ -117,7 +119,13 @@ class Session:
         self.ref = None
         if cfg.beta > 0 or cfg.kl_target is not None:  # the reference is the starting model, always
             self.ref = load_causal_lm(self.base_path).eval().requires_grad_(False)
-        self.engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype, seed=cfg.seed)
+        self.engine: RolloutEngine
+        if cfg.engine == "vllm":  # starts from the weights the policy loaded (a checkpoint when resuming)
+            from .vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(str(path), self.tokenizer, cfg.dtype, cfg.seed, cfg.vllm_gpu_memory_utilization)
+        else:
+            self.engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype, seed=cfg.seed)
         self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations)
         self.rewards = make_rewards(cfg.reward, cfg.reward_on_invalid, cfg.reward_fallback)
         self.reward_norm = RunningNorm()
