@@ -113,7 +113,12 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
 ])
-def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, extra):
+def test_resume_continues_bit_identically(tiny_model, tmp_path, monkeypatch, cls, module, extra):
+    """A run stopped after step 2 and resumed gives the uninterrupted run's steps and weights bit for bit
+    (a reward that varies, so that every step moves the weights: a tiny random model scores 0 on the
+    arithmetic and GRPO would not move at all)."""
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    extra = {**extra, "reward": "by_length"}
     full = module.train(small(cls, tiny_model, tmp_path / "a", max_steps=4, eval_data="none", **extra))
     module.train(small(cls, tiny_model, tmp_path / "b", max_steps=4, eval_data="none", stop_at_step=2, **extra))
     resumed = module.train(small(cls, tiny_model, tmp_path / "b", max_steps=4, eval_data="none", resume=True, **extra))
@@ -129,6 +134,9 @@ def test_resume_continues_bit_identically(tiny_model, tmp_path, cls, module, ext
 
     wa, wb = load_file(full.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(m["grad_norm"] > 0 for m in a)
+    w0 = load_file(tiny_model / "model.safetensors")
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)
 
 
 def test_final_model_is_the_weight_average(tiny_model, tmp_path, monkeypatch):
