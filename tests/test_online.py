@@ -201,7 +201,8 @@ def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatc
     weights = []
     for mbs in (8, 4, 1):
         r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / str(mbs), max_steps=1, micro_batch_size=mbs,
-                             eval_data="none", beta=0.04, max_grad_norm=0, reward="by_length", lr=1.0))
+                             eval_data="none", beta=0.04, max_grad_norm=0, reward="by_length", lr=1.0,
+                             mini_batches=1))  # one update of all 8 completions
         from safetensors.torch import load_file
 
         weights.append(load_file(r.final_dir / "model.safetensors"))
