@@ -105,13 +105,15 @@ def test_seeds_follow_the_run_and_resume(tiny_model, tokenizer, stand_in):
     prompts = [[5, 6, 7], [8, 9]]
     a = vllm_engine.VLLMEngine(str(tiny_model), tokenizer, seed=3)
     a.generate(prompts, params)
+    a.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))  # greedy (evaluation): not counted
     state = a.state_dict()
+    assert state == {"calls": 1}
     second = a.generate(prompts, params)
     b = vllm_engine.VLLMEngine(str(tiny_model), tokenizer, seed=3)
     b.load_state_dict(state)
     again = b.generate(prompts, params)
     seeds_a, seeds_b = stand_in[0].seeds, stand_in[1].seeds
-    assert seeds_b == seeds_a[2:4] and len(set(seeds_a)) == 4  # distinct per prompt and per call
+    assert seeds_b == seeds_a[4:6] and len(set(seeds_a[:2] + seeds_a[4:6])) == 4  # distinct per prompt and call
     assert torch.equal(again.completion_ids, second.completion_ids) and torch.equal(again.logprobs, second.logprobs)
     c = vllm_engine.VLLMEngine(str(tiny_model), tokenizer, seed=4)
     c.generate(prompts, params)

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from .decoding import lean_decoder
-from .modeling import autocast, with_cache
+from .modeling import autocast, padding_id, with_cache
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,14 @@ class RolloutEngine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def check_prompts(prompts: list[list[int]]) -> None:
+    """What every engine refuses: no prompt at all, or an empty one (nothing to condition on)."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: a completion needs at least one token to condition on")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top-k, and outside the smallest set whose probability
     reaches top_p (the most likely token always stays)."""
@@ -101,7 +109,7 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, dtype: str = "fp32", seed: int = 0, lean: bool = True):
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.pad = padding_id(tokenizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.lean = lean  # decode steps by tether.decoding where the architecture allows (else the model's forward)
 
@@ -116,10 +124,7 @@ class TorchEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        if not prompts:
-            raise ValueError("no prompts")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: a completion needs at least one token to condition on")
+        check_prompts(prompts)
         model, was_training = self.model, self.model.training
         model.eval()
         K, n, L = len(prompts), params.n, params.max_new_tokens

@@ -15,7 +15,7 @@ What tether asks of vLLM, and why:
   and the importance ratio would then compare different distributions). With top-k or top-p they are
   renormalised over the kept tokens, where :class:`tether.rollout.TorchEngine` reports them before
   truncation; with both off (the trainers' default) the two agree.
-- One seed per request, drawn from the run's seed and a count of ``generate`` calls kept in
+- One seed per request, drawn from the run's seed and a count of sampled ``generate`` calls kept in
   :meth:`state_dict`, so that a resumed run draws the seeds it would have drawn. vLLM's batched
   kernels are not bitwise reproducible across batch compositions, so resume is exact in the seeds, not
   in every bit.
@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .rollout import Rollout, SamplingParams
+from .modeling import padding_id
+from .rollout import Rollout, SamplingParams, check_prompts
 
 
 def _make_llm(model_path: str, dtype: str, seed: int, gpu_memory_utilization: float, max_model_len: int | None):
@@ -92,20 +93,18 @@ class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, dtype: str = "bf16", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, llm: Any = None):
         self.tokenizer = tokenizer
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad = padding_id(tokenizer)
         self.seed, self.calls = seed, 0
         self.llm = llm if llm is not None else _make_llm(model_path, dtype, seed, gpu_memory_utilization,
                                                          max_model_len)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        if not prompts:
-            raise ValueError("no prompts")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: a completion needs at least one token to condition on")
-        # one seed per request: the run's seed, this call, the prompt (a resumed run redraws them)
+        check_prompts(prompts)
+        # one seed per request: the run's seed, this sampled call, the prompt (a resumed run redraws
+        # them); greedy calls (evaluation) draw none, as TorchEngine's draw no random number
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=g).tolist()
-        self.calls += 1
+        self.calls += params.temperature > 0
         sampling = [_vllm_sampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                    top_k=params.top_k, max_tokens=params.max_new_tokens,
                                    stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0,
