@@ -155,6 +155,20 @@ def test_grpo_samples_from_vllm_with_the_policys_weights(tiny_model, tmp_path, s
     assert not torch.equal(moved, load_causal_lm(tiny_model).model.layers[0].mlp.up_proj.weight)
 
 
+def test_without_vllm_engine_vllm_is_a_clear_error(tiny_model, tmp_path):
+    import importlib.util
+
+    from tether.config import ConfigError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: nothing to refuse")
+
+    cfg = grpo.GRPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=1, engine="vllm",
+                          progress=False, report=False)
+    with pytest.raises(ConfigError, match=r"pip install 'tether\[vllm\]'"):
+        grpo.train(cfg)
+
+
 def _vllm_with_cuda() -> bool:
     try:
         import vllm  # noqa: F401

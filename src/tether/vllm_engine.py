@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError
 from .modeling import padding_id
 from .rollout import Rollout, SamplingParams, check_prompts
 
@@ -44,7 +45,7 @@ def _make_llm(model_path: str, dtype: str, seed: int, gpu_memory_utilization: fl
     try:
         from vllm import LLM
     except ImportError as e:
-        raise ImportError("engine=vllm needs vLLM on a CUDA machine: pip install 'tether[vllm]'") from e
+        raise ConfigError("engine=vllm needs vLLM on a CUDA machine: pip install 'tether[vllm]'") from e
     return LLM(model=model_path, dtype={"bf16": "bfloat16", "fp32": "float32"}.get(dtype, "auto"), seed=seed,
                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                enable_prefix_caching=True, logprobs_mode="processed_logprobs", tensor_parallel_size=1)
