@@ -187,6 +187,26 @@ def test_value_head_trains_the_backbone_only_when_asked(tiny_model, tmp_path, mo
     assert same != shared
 
 
+def test_ppo_old_values_from_the_engines_states_equal_a_forward(tiny_model, tmp_path, monkeypatch):
+    """With a value head, the old values read the hidden states the engine sampled from instead of a
+    second forward of the policy: the same states (fp32), so the same run up to float rounding."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    runs = {}
+    for budget in (1 << 30, 0):  # 0: nothing kept, the forward
+        monkeypatch.setattr(ppo, "HIDDEN_BUDGET", budget)
+        r = ppo.train(small(ppo.PPOConfig, tiny_model, tmp_path / str(budget), eval_data="none", reward="by_length"))
+        runs[budget] = ([m for m in metrics(r.run_dir) if "loss" in m], load_file(r.final_dir / "model.safetensors"))
+    (a, wa), (b, wb) = runs[1 << 30], runs[0]
+    for x, y in zip(a, b):
+        assert x["value_mean"] == pytest.approx(y["value_mean"], rel=1e-4, abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+    assert any(abs(m["value_mean"]) > 0 for m in a[1:])  # the critic learned: values that matter
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def _by_length(prompts, completions, meta):
     return [float(len(c) % 5) for c in completions]
 

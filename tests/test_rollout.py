@@ -265,6 +265,15 @@ def test_lean_decode_step_equals_the_model_forward(etok, kind):
         k = int(lean.mask[i].sum())
         want = full_forward_logps(model, lean.prompt_ids[i], lean.completion_ids[i, :k].tolist())
         torch.testing.assert_close(lean.logprobs[i, :k], want, atol=2e-5, rtol=1e-5)
+    assert lean.hidden is None  # only when asked
+    from tether.online import completion_hidden
+
+    sp = SamplingParams(max_new_tokens=10, n=2, return_hidden=True)
+    for lean_step in (True, False):  # the states each token was sampled from are the trainer's (a value head's input)
+        r = TorchEngine(model, etok, seed=5, lean=lean_step).generate(ps, sp)
+        want = completion_hidden(model, r.prompt_ids, r.completion_ids, r.mask, pad=etok.pad_token_id)
+        torch.testing.assert_close(r.hidden, want, atol=2e-5, rtol=1e-4)
+        assert r.hidden.shape == (len(r), r.mask.shape[1], model.config.hidden_size) and r.hidden.abs().sum() > 0
 
 
 def test_lean_decode_in_bf16_stays_near_the_float32_forward(lm, etok):

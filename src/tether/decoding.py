@@ -85,9 +85,10 @@ class LeanDecoder:
 
     @torch.no_grad()
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) float32 after feeding ``tok`` (B,) at positions ``pos`` (B, 1). ``cache`` is the
-        engine's buffer cache holding the previous positions; ``key_mask`` (B, n) marks the real
-        keys among all n positions, the new one included."""
+        """Logits (B, V) float32 after feeding ``tok`` (B,) at positions ``pos`` (B, 1), and the final
+        (normed) hidden states (B, H) they come from. ``cache`` is the engine's buffer cache holding the
+        previous positions; ``key_mask`` (B, n) marks the real keys among all n positions, the new one
+        included."""
         base, dt = self.model.base_model, self.dtype
         h = base.embed_tokens(tok)  # (B, H) float32: the residual stream stays in float32, as under autocast
         cos, sin = base.rotary_emb(h[:, None], pos)  # (B, 1, hd)
@@ -118,8 +119,8 @@ class LeanDecoder:
             x = F.rms_norm(h, (h.shape[-1],), w["norm2"][0], w["norm2"][1]).to(dt)
             gate, up = F.linear(x, *w["gate_up"]).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, *w["down"]).float()
-        h = F.rms_norm(h, (h.shape[-1],), self.final_norm[0], self.final_norm[1]).to(dt)
-        return F.linear(h, *self.head).float()
+        h = F.rms_norm(h, (h.shape[-1],), self.final_norm[0], self.final_norm[1])  # float32, as the trainer's
+        return F.linear(h.to(dt), *self.head).float(), h
 
 
 def lean_decoder(model, dtype: str) -> LeanDecoder | None:

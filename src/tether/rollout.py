@@ -33,6 +33,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k
     n: int = 1  # completions per prompt, consecutive in the output
     stop: tuple[str, ...] = ()  # stop strings (the completion keeps them, as vLLM's include_stop_str)
+    return_hidden: bool = False  # also the final hidden state that predicted each token (Rollout.hidden)
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Rollout:
     texts: list[str]
     truncated: torch.Tensor  # (N,) bool
     stats: dict[str, float] = field(default_factory=dict)
+    # (N, L, H) float32, 0 off the mask: the last layer's (normed) state that predicted each token, what
+    # a value head reads; only when SamplingParams.return_hidden and the engine provides it, else None
+    hidden: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -146,15 +150,18 @@ class TorchEngine:
         # distinct (README). Each row still draws its own token from its node's distribution.
         cache = _kv_cache(model, P + L)
         kv = with_cache(model, cache)
-        with autocast(self.dtype):
-            logits = model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, **kv,
-                           logits_to_keep=1).logits[:, -1].float()  # (nodes, V)
+        head = model.get_output_embeddings()
+        with autocast(self.dtype):  # the base model, then the head on the last position: the model's own forward
+            hid = model.base_model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, **kv
+                                   ).last_hidden_state[:, -1]  # (nodes, H)
+            logits = head(hid).float()  # (nodes, V)
         attn[:, P:] = 1  # generated columns; rows that stopped leave the batch instead of being masked
         # the lean decode step needs the buffer cache; it snapshots the weights now, as they are
         decoder = lean_decoder(model, self.dtype) if self.lean and hasattr(cache.layers[0], "kbuf") else None
 
         out_ids = torch.full((N, L), self.pad, dtype=torch.long, device=device)
         out_lp = torch.zeros(N, L, device=device)
+        out_h = torch.zeros(N, L, hid.shape[-1], device=device) if params.return_hidden else None
         length = torch.zeros(N, dtype=torch.long, device=device)
         stopped = torch.zeros(N, dtype=torch.bool, device=device)
         live = torch.arange(N, device=device)  # rows still generating
@@ -171,6 +178,8 @@ class TorchEngine:
                 tok = sample(filter_logits(logp, params.top_k, params.top_p), self.generator, node)
             out_ids[live, t] = tok
             out_lp[live, t] = logp[node, tok]
+            if out_h is not None:
+                out_h[live, t] = hid[node].float()
             length[live] += 1
             end = tok == self.eos if self.eos is not None else torch.zeros_like(tok, dtype=torch.bool)
             if stop_checker is not None:
@@ -192,11 +201,12 @@ class TorchEngine:
             step_pos = step_pos + 1
             fed += len(parent)
             if decoder is not None:
-                logits = decoder(tok, step_pos, cache, attn[:, :P + t + 1])
+                logits, hid = decoder(tok, step_pos, cache, attn[:, :P + t + 1])
             else:
                 with autocast(self.dtype):
-                    logits = model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1], position_ids=step_pos,
-                                   **kv, logits_to_keep=1).logits[:, -1].float()
+                    hid = model.base_model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1],
+                                           position_ids=step_pos, **kv).last_hidden_state[:, -1]
+                    logits = head(hid).float()
         model.train(was_training)
 
         width = max(1, int(length.max()))
@@ -207,8 +217,11 @@ class TorchEngine:
         texts = self.tokenizer.batch_decode([r[:k] for r, k in zip(out_ids.tolist(), length.tolist())],
                                             skip_special_tokens=True)
         rows = [p for p in prompts for _ in range(n)]
+        if out_h is not None:
+            out_h = out_h[:, :width].cpu() * mask[..., None]
         return Rollout(rows, out_ids, mask, out_lp, texts, ~stopped.cpu(),
-                       {"gen_tokens": float(length.sum()), "gen_steps": float(t + 1), "gen_forward_rows": float(fed)})
+                       {"gen_tokens": float(length.sum()), "gen_steps": float(t + 1), "gen_forward_rows": float(fed)},
+                       out_h)
 
 
 def _kv_cache(model, capacity: int):
