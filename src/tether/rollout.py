@@ -150,11 +150,9 @@ class TorchEngine:
         # distinct (README). Each row still draws its own token from its node's distribution.
         cache = _kv_cache(model, P + L)
         kv = with_cache(model, cache)
-        head = model.get_output_embeddings()
-        with autocast(self.dtype):  # the base model, then the head on the last position: the model's own forward
-            hid = model.base_model(input_ids=ids, attention_mask=attn[:, :P], position_ids=pos, **kv
-                                   ).last_hidden_state[:, -1]  # (nodes, H)
-            logits = head(hid).float()  # (nodes, V)
+        with autocast(self.dtype):
+            logits, hid = _forward(model, params.return_hidden, input_ids=ids, attention_mask=attn[:, :P],
+                                   position_ids=pos, **kv)  # (nodes, V), (nodes, H) or None
         attn[:, P:] = 1  # generated columns; rows that stopped leave the batch instead of being masked
         # the lean decode step needs the buffer cache; it snapshots the weights now, as they are
         decoder = lean_decoder(model, self.dtype) if self.lean and hasattr(cache.layers[0], "kbuf") else None
@@ -204,9 +202,8 @@ class TorchEngine:
                 logits, hid = decoder(tok, step_pos, cache, attn[:, :P + t + 1])
             else:
                 with autocast(self.dtype):
-                    hid = model.base_model(input_ids=tok[:, None], attention_mask=attn[:, :P + t + 1],
-                                           position_ids=step_pos, **kv).last_hidden_state[:, -1]
-                    logits = head(hid).float()
+                    logits, hid = _forward(model, params.return_hidden, input_ids=tok[:, None],
+                                           attention_mask=attn[:, :P + t + 1], position_ids=step_pos, **kv)
         model.train(was_training)
 
         width = max(1, int(length.max()))
@@ -222,6 +219,13 @@ class TorchEngine:
         return Rollout(rows, out_ids, mask, out_lp, texts, ~stopped.cpu(),
                        {"gen_tokens": float(length.sum()), "gen_steps": float(t + 1), "gen_forward_rows": float(fed)},
                        out_h)
+
+
+def _forward(model, with_hidden: bool, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own forward at the last position: float32 logits (B, V) (softcapping, logit scales
+    and all), and with ``with_hidden`` the last layer's normed state (B, H) they were computed from."""
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=with_hidden)
+    return out.logits[:, -1].float(), out.hidden_states[-1][:, -1] if with_hidden else None
 
 
 def _kv_cache(model, capacity: int):
