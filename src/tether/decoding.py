@@ -84,7 +84,8 @@ class LeanDecoder:
         self.final_norm = (base.norm.weight.detach(), _norm_eps(base.norm))
 
     @torch.no_grad()
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, V) float32 after feeding ``tok`` (B,) at positions ``pos`` (B, 1), and the final
         (normed) hidden states (B, H) they come from. ``cache`` is the engine's buffer cache holding the
         previous positions; ``key_mask`` (B, n) marks the real keys among all n positions, the new one
