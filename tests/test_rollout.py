@@ -151,12 +151,18 @@ def test_shared_prompt_logps_and_gradients_equal_separate_rows(lm, etok):
     lm.zero_grad()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # the tree's 4-D mask: boolean, or added to the scores
-def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, etok, attention):
+@pytest.mark.parametrize("attention", ["lean", "sdpa", "eager"])  # tether's tree forward; the model's 4-D masks
+def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, etok, attention, monkeypatch):
     """Rows with one prompt share the states of every completion prefix they have in common (a prefix
     tree): identical completions, branches at different depths, a one-token row, an empty row and a
-    lone prompt give the separate rows' log-probs, entropies, hidden states and gradients."""
+    lone prompt give the separate rows' log-probs, entropies, hidden states and gradients, by tether's
+    lean tree forward and by the model's own forward under a boolean or additive 4-D mask (the fallback
+    of architectures the lean one does not cover)."""
+    from tether import online
     from tether.online import completion_hidden, completion_logps, completion_states
+
+    if attention != "lean":
+        monkeypatch.setattr(online, "tree_states", lambda *a: None)
 
     p = prompts(etok, 4)
     rows = [(0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]),  # identical
@@ -173,7 +179,7 @@ def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, eto
     # token). Group 0: 1 + 4; group 1: 1 + [9] [9 10] [9 10 11] [.. 12] [.. 13] + [9 10 14] [.. 15] [.. 16]
     # [.. 17]; group 2: 1 + [20] [20 21]; group 3: 1 + 3
     expected = (1 + 4) + (1 + 5 + 4) + (1 + 2) + (1 + 3)
-    lm.set_attn_implementation(attention)
+    lm.set_attn_implementation("sdpa" if attention == "lean" else attention)
     assert len(completion_states(lm, pr, comp, mask, pad=etok.pad_token_id).hidden) == expected
     assert expected < int(lens.sum())
     out = {}
@@ -274,6 +280,38 @@ def test_lean_decode_step_equals_the_model_forward(etok, kind):
         want = completion_hidden(model, r.prompt_ids, r.completion_ids, r.mask, pad=etok.pad_token_id)
         torch.testing.assert_close(r.hidden, want, atol=2e-5, rtol=1e-4)
         assert r.hidden.shape == (len(r), r.mask.shape[1], model.config.hidden_size) and r.hidden.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "mistral"])
+def test_lean_tree_forward_equals_the_model_forward(etok, kind):
+    """tether's packed prefix-tree forward (tether.decoding.tree_states: real tokens only, fused
+    projections, stacked grouped-query heads) gives the log-probs and gradients of one plain row per
+    completion through the model's own forward: equal in float32, within bf16 rounding under bf16."""
+    from tether.decoding import tree_states
+    from tether.online import completion_logps
+
+    model = _random_lm(kind, len(etok)).train()
+    ps = prompts(etok, 3)
+    r = TorchEngine(model, etok, seed=3).generate(ps, SamplingParams(max_new_tokens=12, n=4))
+    mask = (torch.arange(12)[None] < torch.tensor([12, 3, 7, 1, 12, 9, 5, 12, 2, 11, 12, 6])[:, None]).long()
+    comp = r.completion_ids.masked_fill(mask == 0, etok.pad_token_id)  # rows of several lengths: packed rows
+    ids, pos = torch.tensor([[3, 4, 5, 0]]), torch.tensor([[0, 1, 2, 0]])
+    allowed = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]]).bool()
+    assert tree_states(model, ids, pos, allowed, ids != 0, "fp32").shape == (3, model.config.hidden_size)
+    for dtype, tol in (("fp32", 2e-5), ("bf16", 0.1)):
+        out = {}
+        for share in (False, True):
+            model.zero_grad()
+            lp, _ = completion_logps(model, r.prompt_ids, comp, mask, 0.9, dtype, etok.pad_token_id,
+                                     share_prompts=share)
+            (lp * torch.linspace(0.1, 1, lp.shape[1])).sum().backward()
+            grads = [model.model.layers[0].self_attn.k_proj.weight.grad, model.model.layers[-1].mlp.down_proj.weight.grad]
+            out[share] = (lp.detach(), [g.clone() for g in grads])
+        torch.testing.assert_close(out[True][0], out[False][0], atol=tol, rtol=tol)
+        for a, b in zip(out[True][1], out[False][1]):
+            assert a.abs().sum() > 0
+            assert (a - b).norm() <= (1e-4 if dtype == "fp32" else 0.05) * b.norm()
+    model.zero_grad()
 
 
 def test_lean_decode_in_bf16_stays_near_the_float32_forward(lm, etok):

@@ -42,23 +42,63 @@ def _supported(model) -> bool:
         hasattr(layer.mlp, "gate_proj") for layer in base.layers)
 
 
-def _norm_eps(norm) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+def _norm(norm) -> tuple[torch.Tensor, float]:
+    return norm.weight, float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
 def _cat_linear(mods: list[torch.nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (sum of outputs × in) weight and bias for several projections of the same input."""
-    w = torch.cat([m.weight.detach() for m in mods]).to(dtype)
+    """One (sum of outputs × in) weight and bias for several projections of the same input (with
+    gradient to each projection's own parameters where grad mode is on)."""
+    w = (torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight).to(dtype)
     if all(m.bias is None for m in mods):
         return w, None
-    b = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+    b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
     return w, b.to(dtype)
+
+
+def _layer_weights(layer, dtype: torch.dtype) -> dict:
+    """A decoder layer's projections fused (q, k, v as one; gate, up as one) and cast to ``dtype``."""
+    a, m = layer.self_attn, layer.mlp
+    return {
+        "qkv": _cat_linear([a.q_proj, a.k_proj, a.v_proj], dtype), "o": _cat_linear([a.o_proj], dtype),
+        "gate_up": _cat_linear([m.gate_proj, m.up_proj], dtype), "down": _cat_linear([m.down_proj], dtype),
+        "norm1": _norm(layer.input_layernorm), "norm2": _norm(layer.post_attention_layernorm),
+        "q_norm": getattr(a, "q_norm", None), "k_norm": getattr(a, "k_norm", None),
+        "heads": a.q_proj.out_features // a.head_dim, "kv_heads": a.k_proj.out_features // a.head_dim,
+        "head_dim": a.head_dim, "scale": a.scaling,
+    }
+
+
+def _rms(h: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    return F.rms_norm(h, (h.shape[-1],), norm[0], norm[1])
+
+
+def _rotated_qkv(w: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (..., heads, hd), k and v (..., kv heads, hd) of normed inputs ``x`` (..., H): one projection,
+    q and k rotated together in float32 (as under autocast) by ``cos``/``sin`` (..., 1, hd)."""
+    hd, nh, nkv = w["head_dim"], w["heads"], w["kv_heads"]
+    qkv = F.linear(x, *w["qkv"])
+    qk = qkv[..., :(nh + nkv) * hd].unflatten(-1, (nh + nkv, hd))
+    v = qkv[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd))
+    if w["q_norm"] is not None:  # qwen3: RMSNorm per head before the rotation
+        qk = torch.cat([w["q_norm"](qk[..., :nh, :]), w["k_norm"](qk[..., nh:, :])], dim=-2)
+    qk = qk * cos + _rotate_half(qk) * sin
+    return qk[..., :nh, :], qk[..., nh:, :], v
+
+
+def _mlp_residual(w: dict, h: torch.Tensor, attn_out: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """The rest of a layer after attention: output projection, residual, norm, SiLU-gated MLP,
+    residual (the residual stream in float32)."""
+    h = h + F.linear(attn_out.to(dt), *w["o"]).float()
+    gate, up = F.linear(_rms(h, w["norm2"]).to(dt), *w["gate_up"]).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, *w["down"]).float()
 
 
 class LeanDecoder:
     """The decode step of ``model`` in ``dtype`` ("fp32" or "bf16"); see the module docstring.
 
-    The fused (and, for bf16, cast) weights are a snapshot of the model's taken at construction
+    The fused (and, for bf16, all cast) weights are copies of the model's taken at construction
     (half a millisecond for the 3.4M-parameter fixture model): make one per generation, so that the
     engine always samples the current policy. Parameter version counters cannot tell when to
     rebuild: the fused AdamW kernel updates weights in place without bumping them."""
@@ -66,22 +106,10 @@ class LeanDecoder:
     @torch.no_grad()
     def __init__(self, model, dtype: str):
         self.model = model
-        self.dtype = dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-        base = model.base_model
-        self.layers = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append({
-                "qkv": _cat_linear([a.q_proj, a.k_proj, a.v_proj], dt), "o": _cat_linear([a.o_proj], dt),
-                "gate_up": _cat_linear([m.gate_proj, m.up_proj], dt), "down": _cat_linear([m.down_proj], dt),
-                "norm1": (layer.input_layernorm.weight.detach(), _norm_eps(layer.input_layernorm)),
-                "norm2": (layer.post_attention_layernorm.weight.detach(), _norm_eps(layer.post_attention_layernorm)),
-                "q_norm": getattr(a, "q_norm", None), "k_norm": getattr(a, "k_norm", None),
-                "heads": a.q_proj.out_features // a.head_dim, "kv_heads": a.k_proj.out_features // a.head_dim,
-                "head_dim": a.head_dim, "scale": a.scaling,
-            })
-        self.head = _cat_linear([model.get_output_embeddings()], dt)
-        self.final_norm = (base.norm.weight.detach(), _norm_eps(base.norm))
+        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.layers = [_layer_weights(layer, self.dtype) for layer in model.base_model.layers]
+        self.head = _cat_linear([model.get_output_embeddings()], self.dtype)
+        self.final_norm = _norm(model.base_model.norm)
 
     @torch.no_grad()
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache, key_mask: torch.Tensor,
@@ -98,30 +126,65 @@ class LeanDecoder:
         allowed = key_mask.bool()[:, None, None, :]  # (B, 1, 1, n)
         for w, cl in zip(self.layers, cache.layers):
             hd, nh, nkv = w["head_dim"], w["heads"], w["kv_heads"]
-            x = F.rms_norm(h, (h.shape[-1],), w["norm1"][0], w["norm1"][1]).to(dt)
-            qkv = F.linear(x, *w["qkv"])
-            qk = qkv[:, :(nh + nkv) * hd].view(B, 1, nh + nkv, hd)
-            v = qkv[:, (nh + nkv) * hd:].view(B, nkv, hd)
-            if w["q_norm"] is not None:  # qwen3: RMSNorm per head before the rotation
-                qk = torch.cat([w["q_norm"](qk[:, :, :nh]), w["k_norm"](qk[:, :, nh:])], dim=2)
-            qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together; float32 as under autocast
-            q, k = qk[:, :, :nh], qk[:, :, nh:]
+            q, k, v = _rotated_qkv(w, _rms(h, w["norm1"]).to(dt)[:, None], cos, sin)  # (B, 1, heads, hd)
             t = cl.n
             cl.kbuf[:, :, t] = k[:, 0]
-            cl.vbuf[:, :, t] = v
+            cl.vbuf[:, :, t] = v[:, 0]
             cl.n = t + 1
             cl.keys, cl.values = cl.kbuf[:, :, :t + 1], cl.vbuf[:, :, :t + 1]
             # grouped-query attention: the query heads of one kv head attend together, (B, kv, group, n)
             qg = q.reshape(B, nkv, nh // nkv, hd).to(cl.keys.dtype)
             scores = torch.matmul(qg, cl.keys.transpose(-1, -2)).float() * w["scale"]
             p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(cl.values.dtype)
-            out = torch.matmul(p, cl.values).reshape(B, nh * hd).to(dt)
-            h = h + F.linear(out, *w["o"]).float()
-            x = F.rms_norm(h, (h.shape[-1],), w["norm2"][0], w["norm2"][1]).to(dt)
-            gate, up = F.linear(x, *w["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, *w["down"]).float()
-        h = F.rms_norm(h, (h.shape[-1],), self.final_norm[0], self.final_norm[1])  # float32, as the trainer's
+            h = _mlp_residual(w, h, torch.matmul(p, cl.values).reshape(B, nh * hd), dt)
+        h = _rms(h, self.final_norm)  # float32, as the trainer's
         return F.linear(h.to(dt), *self.head).float(), h
+
+
+def tree_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, real: torch.Tensor,
+                dtype: str) -> torch.Tensor | None:
+    """The final (normed) hidden states (N, H) of the N ``real`` (U, S) tokens of packed rows ``ids``
+    (U, S) at positions ``pos`` (U, S), in row-major order, where query i of row u attends to key j iff
+    ``allowed[u, i, j]`` (every query to at least one key): the backbone of
+    :func:`tether.online.completion_states`' prefix-tree rows, with gradient to the model's
+    parameters. None where :func:`lean_decoder` would be (the caller runs the model).
+
+    The same arithmetic as the model's forward under tether's autocast with less work: the
+    projections, norms and MLP run on the real tokens only (packed rows differ in width, and padding
+    them to the widest was a third of a GRPO update's tokens), only attention sees the padded rows;
+    fused projections (as the decode step), weights cast once per forward, the boolean mask turned into
+    one additive mask for all layers, and grouped-query attention with each kv head's query heads
+    stacked along the query axis (no repeated keys). Attention runs in float32, as SDPA's math kernel
+    computes bf16 inputs."""
+    if not _supported(model):
+        return None
+    with torch.autocast("cpu", enabled=False):  # casts are explicit here; attention stays float32
+        dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+        base, sel = model.base_model, real.reshape(-1).nonzero()[:, 0]
+        h = base.embed_tokens(ids.reshape(-1)[sel]).float()  # (N, H)
+        cos, sin = base.rotary_emb(h[None], pos.reshape(-1)[sel][None])  # (1, N, hd)
+        cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (N, 1, hd) against (N, heads, hd)
+        bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None, None]  # (U, 1, 1, S, S)
+        for layer in base.layers:
+            h = _tree_layer(h, cos, sin, bias, sel, _layer_weights(layer, dt), dt)
+        return _rms(h, _norm(base.norm))
+
+
+def _tree_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, sel: torch.Tensor,
+                w: dict, dt: torch.dtype) -> torch.Tensor:
+    """One decoder layer over the real tokens h (N, H) of packed rows; ``sel`` (N,) their flat places in
+    the (U, S) rows, ``bias`` (U, 1, 1, S, S) 0 where a query may attend to a key and -inf elsewhere."""
+    (U, _, _, S, _), hd, nh, nkv = bias.shape, w["head_dim"], w["heads"], w["kv_heads"]
+    q, k, v = _rotated_qkv(w, _rms(h, w["norm1"]).to(dt), cos, sin)  # (N, heads, hd)
+    # bf16 inputs rounded, then computed in float32 (SDPA's math kernel on CPU), in the padded rows
+    qkv = torch.cat([q.to(dt).float() * w["scale"], k.to(dt).float(), v.float()], dim=1).flatten(1)
+    qkv = qkv.new_zeros(U * S, qkv.shape[1]).index_copy(0, sel, qkv).view(U, S, nh + 2 * nkv, hd)
+    q = qkv[:, :, :nh].permute(0, 2, 1, 3).reshape(U, nkv, nh // nkv * S, hd)
+    k, v = qkv[:, :, nh:nh + nkv].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2)  # (U, kv, S, hd)
+    scores = torch.matmul(q, k.transpose(-1, -2)).view(U, nkv, nh // nkv, S, S) + bias
+    p = scores.softmax(-1).view(U, nkv, nh // nkv * S, S)
+    out = torch.matmul(p, v).view(U, nh, S, hd).transpose(1, 2).reshape(U * S, nh * hd)
+    return _mlp_residual(w, h, out.index_select(0, sel), dt)
 
 
 def lean_decoder(model, dtype: str) -> LeanDecoder | None:

@@ -28,6 +28,7 @@ from pydantic import Field
 from . import runs
 from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, read_rows
+from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
@@ -477,7 +478,8 @@ def completion_states(model, prompts: list[list[int]], completions: torch.Tensor
             heads = list(uniq)
             prompt_of, tree = _tree_rows(torch.tensor([uniq[key] for key in keys]), [len(p) for p in heads],
                                          completions, lengths, tree_token_cost(model))
-            hidden, index = _trie_states(model, [heads[g] for g in prompt_of], tree, completions, lengths, pad)
+            hidden, index = _trie_states(model, [heads[g] for g in prompt_of], tree, completions, lengths, pad,
+                                         dtype)
         else:
             sel = mask.bool()
             hidden = _hidden(model, prompts, completions, mask, pad)[sel]
@@ -583,7 +585,7 @@ def _tree_rows(group: torch.Tensor, plen: list[int], comp: torch.Tensor, lengths
 
 
 def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: torch.Tensor,
-                 lengths: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 lengths: torch.Tensor, pad: int, dtype: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`completion_states` with the completions of each packed row merged into a prefix tree:
     ``group`` gives each completion's packed row and ``uniq`` each packed row's prompt; a row holds the
     prompt's tokens, then each distinct (prompt, completion prefix) once, parents before children. A
@@ -648,11 +650,15 @@ def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: 
     mask[:, :, 0] = True
     mask |= (cols[None, :, None] >= cols[None, None, :]) & (cols[None, :, None] < plen[:, None, None])
     mask[ng, nc] = allowed[is_node]
-    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    out = model.base_model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
-                           use_cache=False).last_hidden_state  # (U, S, H)
-    hidden = out.reshape(U * S, -1).index_select(0, node_group * S + col)  # one state per node id
+    real = cols[None] < width[:, None]  # (U, S): the prompt's tokens and the row's nodes; padding after
+    out = tree_states(model, ids, pos, mask, real, dtype)  # (real tokens, H)
+    if out is None:  # an architecture the lean forward does not cover: the model's own
+        if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        out = model.base_model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
+                               use_cache=False).last_hidden_state[real]
+    flat = torch.cumsum(real.reshape(-1), 0) - 1  # a real (row, column)'s place among the real tokens
+    hidden = out.index_select(0, flat[node_group * S + col])  # one state per node id
     # completion token t of row b is predicted by the node fed token t - 1 (t = 0: its prompt's root)
     index = torch.cat([group[:, None], node_of[:, :k - 1]], dim=1)
     index = torch.where(torch.arange(k)[None] < lengths[:, None], index, 0)
