@@ -282,14 +282,18 @@ def test_lean_decode_step_equals_the_model_forward(etok, kind):
         assert r.hidden.shape == (len(r), r.mask.shape[1], model.config.hidden_size) and r.hidden.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "mistral"])
-def test_lean_tree_forward_equals_the_model_forward(etok, kind):
-    """tether's packed prefix-tree forward (tether.decoding.tree_states: real tokens only, fused
-    projections, stacked grouped-query heads) gives the log-probs and gradients of one plain row per
-    completion through the model's own forward: equal in float32, within bf16 rounding under bf16."""
+@pytest.mark.parametrize("kind,padding", [("qwen2", 0.0), ("qwen2", 1.0), ("llama", 0.0), ("qwen3", 1.0),
+                                          ("mistral", 0.0)])
+def test_lean_tree_forward_equals_the_model_forward(etok, kind, padding, monkeypatch):
+    """tether's packed prefix-tree forward (tether.decoding.tree_states: fused projections, stacked
+    grouped-query heads, the real tokens moved out of the padded rows or the padding computed with
+    them) gives the log-probs and gradients of one plain row per completion through the model's own
+    forward: equal in float32, within bf16 rounding under bf16."""
+    from tether import decoding
     from tether.decoding import tree_states
     from tether.online import completion_logps
 
+    monkeypatch.setattr(decoding, "PADDING_COMPUTED", padding)  # 0: real tokens only; 1: the padded rows
     model = _random_lm(kind, len(etok)).train()
     ps = prompts(etok, 3)
     r = TorchEngine(model, etok, seed=3).generate(ps, SamplingParams(max_new_tokens=12, n=4))

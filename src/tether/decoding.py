@@ -141,6 +141,11 @@ class LeanDecoder:
         return F.linear(h.to(dt), *self.head).float(), h
 
 
+# Where padding is at most this share of the packed rows, :func:`tree_states` computes it with the real
+# tokens (in place) rather than moving the real tokens in and out of the padded rows around attention.
+PADDING_COMPUTED = 0.05
+
+
 def tree_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, real: torch.Tensor,
                 dtype: str) -> torch.Tensor | None:
     """The final (normed) hidden states (N, H) of the N ``real`` (U, S) tokens of packed rows ``ids``
@@ -161,30 +166,36 @@ def tree_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tens
     with torch.autocast("cpu", enabled=False):  # casts are explicit here; attention stays float32
         dt = torch.bfloat16 if dtype == "bf16" else torch.float32
         base, sel = model.base_model, real.reshape(-1).nonzero()[:, 0]
+        padded = len(sel) >= (1 - PADDING_COMPUTED) * real.numel()
+        if padded:
+            sel = torch.arange(real.numel())
         h = base.embed_tokens(ids.reshape(-1)[sel]).float()  # (N, H)
         cos, sin = base.rotary_emb(h[None], pos.reshape(-1)[sel][None])  # (1, N, hd)
         cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (N, 1, hd) against (N, heads, hd)
         bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None, None]  # (U, 1, 1, S, S)
         for layer in base.layers:
-            h = _tree_layer(h, cos, sin, bias, sel, _layer_weights(layer, dt), dt)
-        return _rms(h, _norm(base.norm))
+            h = _tree_layer(h, cos, sin, bias, None if padded else sel, _layer_weights(layer, dt), dt)
+        return _rms(h[real.reshape(-1)] if padded else h, _norm(base.norm))
 
 
 def _tree_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, sel: torch.Tensor,
                 w: dict, dt: torch.dtype) -> torch.Tensor:
     """One decoder layer over the real tokens h (N, H) of packed rows; ``sel`` (N,) their flat places in
-    the (U, S) rows, ``bias`` (U, 1, 1, S, S) 0 where a query may attend to a key and -inf elsewhere."""
+    the (U, S) rows (None: h is all U·S of them), ``bias`` (U, 1, 1, S, S) 0 where a query may attend to
+    a key and -inf elsewhere."""
     (U, _, _, S, _), hd, nh, nkv = bias.shape, w["head_dim"], w["heads"], w["kv_heads"]
     q, k, v = _rotated_qkv(w, _rms(h, w["norm1"]).to(dt), cos, sin)  # (N, heads, hd)
     # bf16 inputs rounded, then computed in float32 (SDPA's math kernel on CPU), in the padded rows
     qkv = torch.cat([q.to(dt).float() * w["scale"], k.to(dt).float(), v.float()], dim=1).flatten(1)
-    qkv = qkv.new_zeros(U * S, qkv.shape[1]).index_copy(0, sel, qkv).view(U, S, nh + 2 * nkv, hd)
+    if sel is not None:
+        qkv = qkv.new_zeros(U * S, qkv.shape[1]).index_copy(0, sel, qkv)
+    qkv = qkv.view(U, S, nh + 2 * nkv, hd)
     q = qkv[:, :, :nh].permute(0, 2, 1, 3).reshape(U, nkv, nh // nkv * S, hd)
     k, v = qkv[:, :, nh:nh + nkv].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2)  # (U, kv, S, hd)
     scores = torch.matmul(q, k.transpose(-1, -2)).view(U, nkv, nh // nkv, S, S) + bias
     p = scores.softmax(-1).view(U, nkv, nh // nkv * S, S)
     out = torch.matmul(p, v).view(U, nh, S, hd).transpose(1, 2).reshape(U * S, nh * hd)
-    return _mlp_residual(w, h, out.index_select(0, sel), dt)
+    return _mlp_residual(w, h, out if sel is None else out.index_select(0, sel), dt)
 
 
 def lean_decoder(model, dtype: str) -> LeanDecoder | None:

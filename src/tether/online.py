@@ -564,24 +564,25 @@ def _tree_rows(group: torch.Tensor, plen: list[int], comp: torch.Tensor, lengths
     past its longest common prefix with the one before (the most it shares with any earlier one), and
     joins the current packed row when that costs less than a row of its own (prompt + its tokens).
     A prefix shared across two packed rows is computed in both: the same states, a little more work."""
-    B, fed = len(group), (lengths - 1).clamp(min=0)  # the tokens a row feeds (its last predicts nothing)
-    order = sorted(range(B), key=lambda b: (int(group[b]), comp[b, :int(fed[b])].tolist()))
+    B, fed_t = len(group), (lengths - 1).clamp(min=0)  # the tokens a row feeds (its last predicts nothing)
+    groups, fed, rows = group.tolist(), fed_t.tolist(), comp.tolist()  # Python lists: a loop over rows
+    order = sorted(range(B), key=lambda b: (groups[b], rows[b][:fed[b]]))
     a, b = comp[order[:-1]], comp[order[1:]]
     lcp = (a == b).long().cumprod(1).sum(1)
-    shared = torch.minimum(lcp, torch.minimum(fed[order[:-1]], fed[order[1:]])).tolist()
+    shared = torch.minimum(lcp, torch.minimum(fed_t[order[:-1]], fed_t[order[1:]])).tolist()
     prompt_of: list[int] = []
-    row_tree = torch.empty(B, dtype=torch.long)
+    row_tree = [0] * B
     width = 0
     for i, r in enumerate(order):
-        g, alone = int(group[r]), plen[int(group[r])] + int(fed[r])
-        joined = width + int(fed[r]) - (shared[i - 1] if i else 0)
+        g, alone = groups[r], plen[groups[r]] + fed[r]
+        joined = width + fed[r] - (shared[i - 1] if i else 0)
         extra = joined * (cost + joined) - width * (cost + width)  # joining: the row's new cost
         if not prompt_of or prompt_of[-1] != g or extra > alone * (cost + alone):
             prompt_of.append(g)
             joined = alone
         width = joined
         row_tree[r] = len(prompt_of) - 1
-    return prompt_of, row_tree
+    return prompt_of, torch.tensor(row_tree)
 
 
 def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: torch.Tensor,
