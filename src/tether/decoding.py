@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .modeling import _last_layer_at_supported
+from .modeling import _last_layer_at_supported, _rotate_half
 
 
 def _supported(model) -> bool:
@@ -73,43 +73,26 @@ def _rms(h: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     return F.rms_norm(h, (h.shape[-1],), norm[0], norm[1])
 
 
-def _rope_tables(rotary, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rotary tables at positions ``pos`` (..., T) as (..., T, 1, hd) float32 cos and
-    signed sin for :func:`_rotated_qkv`: rotate_half(x) · sin = roll(x, hd/2) · (-sin₁, sin₂), one
-    roll in place of a negation and a concatenation."""
-    cos, sin = rotary(h, pos)
-    half = sin.shape[-1] // 2
-    return cos[..., None, :].float(), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[..., None, :].float()
-
-
 def _rotated_qkv(w: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (..., heads, hd), k and v (..., kv heads, hd) of normed inputs ``x`` (..., H): one projection,
-    q and k rotated together in float32 (as under autocast) by the tables of :func:`_rope_tables`."""
+    q and k rotated together in float32 (as under autocast) by ``cos``/``sin`` (..., 1, hd)."""
     hd, nh, nkv = w["head_dim"], w["heads"], w["kv_heads"]
     qkv = F.linear(x, *w["qkv"])
     qk = qkv[..., :(nh + nkv) * hd].unflatten(-1, (nh + nkv, hd))
     v = qkv[..., (nh + nkv) * hd:].unflatten(-1, (nkv, hd))
     if w["q_norm"] is not None:  # qwen3: RMSNorm per head before the rotation
         qk = torch.cat([w["q_norm"](qk[..., :nh, :]), w["k_norm"](qk[..., nh:, :])], dim=-2)
-    qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # q·cos + rotate_half(q)·sin
+    qk = qk * cos + _rotate_half(qk) * sin
     return qk[..., :nh, :], qk[..., nh:, :], v
 
 
 def _mlp_residual(w: dict, h: torch.Tensor, attn_out: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """The rest of a layer after attention: output projection, residual, norm, SiLU-gated MLP,
     residual (the residual stream in float32)."""
-    h = _add_linear(h, attn_out.to(dt), w["o"])
+    h = h + F.linear(attn_out.to(dt), *w["o"]).float()
     gate, up = F.linear(_rms(h, w["norm2"]).to(dt), *w["gate_up"]).chunk(2, dim=-1)
-    return _add_linear(h, F.silu(gate) * up, w["down"])
-
-
-def _add_linear(h: torch.Tensor, x: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """h + x Wᵀ (+ b) into the float32 residual stream h (n, H): in float32 one fused addmm."""
-    w, b = linear
-    if b is None and x.dtype == h.dtype:
-        return torch.addmm(h, x, w.t())
-    return h + F.linear(x, w, b).float()
+    return h + F.linear(F.silu(gate) * up, *w["down"]).float()
 
 
 class LeanDecoder:
@@ -137,9 +120,10 @@ class LeanDecoder:
         included."""
         base, dt = self.model.base_model, self.dtype
         h = base.embed_tokens(tok)  # (B, H) float32: the residual stream stays in float32, as under autocast
-        cos, sin = _rope_tables(base.rotary_emb, h[:, None], pos)  # (B, 1, 1, hd) against (B, 1, heads, hd)
+        cos, sin = base.rotary_emb(h[:, None], pos)  # (B, 1, hd)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, 1, 1, hd) against (B, 1, heads, hd)
         B, n = key_mask.shape
-        bias = None  # the mask as 0 / -inf, (B · kv heads, group, n): one for all layers, added by baddbmm
+        allowed = key_mask.bool()[:, None, None, :]  # (B, 1, 1, n)
         for w, cl in zip(self.layers, cache.layers):
             hd, nh, nkv = w["head_dim"], w["heads"], w["kv_heads"]
             q, k, v = _rotated_qkv(w, _rms(h, w["norm1"]).to(dt)[:, None], cos, sin)  # (B, 1, heads, hd)
@@ -148,14 +132,11 @@ class LeanDecoder:
             cl.vbuf[:, :, t] = v[:, 0]
             cl.n = t + 1
             cl.keys, cl.values = cl.kbuf[:, :, :t + 1], cl.vbuf[:, :, :t + 1]
-            if bias is None:
-                bias = torch.zeros(B, n, dtype=cl.keys.dtype).masked_fill(key_mask == 0, float("-inf"))
-                bias = bias[:, None, None].expand(B, nkv, nh // nkv, n).reshape(B * nkv, nh // nkv, n)
-            # grouped-query attention: the query heads of one kv head attend together, (B · kv, group, n)
-            qg = q.reshape(B * nkv, nh // nkv, hd).to(cl.keys.dtype)
-            scores = torch.baddbmm(bias, qg, cl.keys.flatten(0, 1).transpose(-1, -2), alpha=w["scale"])
-            p = scores.float().softmax(-1).to(cl.values.dtype)
-            h = _mlp_residual(w, h, torch.bmm(p, cl.values.flatten(0, 1)).reshape(B, nh * hd), dt)
+            # grouped-query attention: the query heads of one kv head attend together, (B, kv, group, n)
+            qg = q.reshape(B, nkv, nh // nkv, hd).to(cl.keys.dtype)
+            scores = torch.matmul(qg, cl.keys.transpose(-1, -2)).float() * w["scale"]
+            p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(cl.values.dtype)
+            h = _mlp_residual(w, h, torch.matmul(p, cl.values).reshape(B, nh * hd), dt)
         h = _rms(h, self.final_norm)  # float32, as the trainer's
         return F.linear(h.to(dt), *self.head).float(), h
 
@@ -189,7 +170,8 @@ def tree_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tens
         if padded:
             sel = torch.arange(real.numel())
         h = base.embed_tokens(ids.reshape(-1)[sel]).float()  # (N, H)
-        cos, sin = (t[0] for t in _rope_tables(base.rotary_emb, h[None], pos.reshape(-1)[sel][None]))  # (N, 1, hd)
+        cos, sin = base.rotary_emb(h[None], pos.reshape(-1)[sel][None])  # (1, N, hd)
+        cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (N, 1, hd) against (N, heads, hd)
         bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None, None]  # (U, 1, 1, S, S)
         for layer in base.layers:
             h = _tree_layer(h, cos, sin, bias, None if padded else sel, _layer_weights(layer, dt), dt)
