@@ -161,8 +161,10 @@ def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, eto
     from tether import online
     from tether.online import completion_hidden, completion_logps, completion_states
 
-    if attention != "lean":
-        monkeypatch.setattr(online, "tree_states", lambda *a: None)
+    lean = attention == "lean"
+    if lean:  # the lean forward must have run, not fallen back to the model's
+        calls, lean_forward = [], online.tree_states
+        monkeypatch.setattr(online, "tree_states", lambda *a: calls.append(1) or lean_forward(*a))
 
     p = prompts(etok, 4)
     rows = [(0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]), (0, [5, 6, 7, 8, 0]),  # identical
@@ -180,20 +182,21 @@ def test_shared_completion_prefixes_are_computed_once_and_change_nothing(lm, eto
     # [.. 17]; group 2: 1 + [20] [20 21]; group 3: 1 + 3
     expected = (1 + 4) + (1 + 5 + 4) + (1 + 2) + (1 + 3)
     lm.set_attn_implementation("sdpa" if attention == "lean" else attention)
-    assert len(completion_states(lm, pr, comp, mask, pad=etok.pad_token_id).hidden) == expected
+    assert len(completion_states(lm, pr, comp, mask, pad=etok.pad_token_id, lean=lean).hidden) == expected
     assert expected < int(lens.sum())
     out = {}
     for share in (False, True):
         lm.zero_grad()
         lp, ent, h = completion_logps(lm, pr, comp, mask, 0.8, pad=etok.pad_token_id, share_prompts=share,
-                                      with_hidden=True)
+                                      with_hidden=True, lean=lean)
         (lp * torch.linspace(0.1, 1, L)).sum().backward()  # every position its own weight
-        hid = completion_hidden(lm, pr, comp, mask, pad=etok.pad_token_id, share_prompts=share)
+        hid = completion_hidden(lm, pr, comp, mask, pad=etok.pad_token_id, share_prompts=share, lean=lean)
         out[share] = (lp.detach(), ent, h.detach(), hid.detach(), lm.model.layers[0].mlp.up_proj.weight.grad.clone())
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert (out[True][0][mask.bool()] < 0).all() and (out[True][0][~mask.bool()] == 0).all()
     assert out[True][4].abs().sum() > 0
+    assert not lean or calls
     lm.zero_grad()
     lm.set_attn_implementation("sdpa")
 
@@ -307,7 +310,7 @@ def test_lean_tree_forward_equals_the_model_forward(etok, kind, padding, monkeyp
         for share in (False, True):
             model.zero_grad()
             lp, _ = completion_logps(model, r.prompt_ids, comp, mask, 0.9, dtype, etok.pad_token_id,
-                                     share_prompts=share)
+                                     share_prompts=share, lean=True)
             (lp * torch.linspace(0.1, 1, lp.shape[1])).sum().backward()
             grads = [model.model.layers[0].self_attn.k_proj.weight.grad, model.model.layers[-1].mlp.down_proj.weight.grad]
             out[share] = (lp.detach(), [g.clone() for g in grads])
