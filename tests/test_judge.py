@@ -43,4 +43,4 @@ def test_trained_judge_ranks_correct_answers_above_wrong_ones(embedded_model, tm
                                 batch_size=64, micro_batch_size=64, lr=1e-3, progress=False, report=False,
                                 eval_data="none", dtype=default_dtype()), rows=rows)
     after = rank_accuracy(judge.Judge(r.final_dir), ArithSpec(), 150)
-    assert after >= 0.60 and after >= before + 0.10
+    assert after >= 0.60 and after - before >= 0.10 - 1e-9  # fractions k / n: an exact +10 passes

@@ -93,6 +93,7 @@ def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy)
     (grpo.GRPOConfig, grpo, dict(loss_type="dr_grpo", importance_level="sequence", epochs=2, mini_batches=2)),
     (ppo.PPOConfig, ppo, dict()),
     (ppo.PPOConfig, ppo, dict(critic="separate", kl_target=0.05)),
+    (ppo.PPOConfig, ppo, dict(critic_fit="least_squares")),
     (reinforce.ReinforceConfig, reinforce, dict()),
 ])
 def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
@@ -112,6 +113,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2, ema_decay=0.9)),
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
+    (ppo.PPOConfig, ppo, dict(critic_fit="least_squares")),  # its statistics are in the checkpoint
 ])
 def test_resume_continues_bit_identically(tiny_model, tmp_path, monkeypatch, cls, module, extra):
     """A run stopped after step 2 and resumed gives the uninterrupted run's steps and weights bit for bit
@@ -387,3 +389,23 @@ def test_mini_batches_hold_whole_prompt_groups():
     assert all(out[i:i + 4].tolist() == sorted(out[i:i + 4].tolist()) for i in range(0, 16, 4))
     orders = {tuple(shuffle_groups(rows, 4).tolist()) for _ in range(20)}
     assert len(orders) > 1
+
+
+def test_least_squares_value_head_solves_the_weighted_squared_error():
+    """PPO's least-squares critic: after steps k = 1..K the head's (w, b) minimise
+    Σ_k forget^(K-k) Σ_t (w·h_t + b - R_t)² (+ the small ridge term), the solution of a weighted linear
+    least-squares problem; forget 0 keeps only the last step."""
+    g = torch.Generator().manual_seed(0)
+    h1, h2 = torch.randn(50, 6, generator=g), torch.randn(40, 6, generator=g)
+    r1, r2 = torch.randn(50, generator=g), h2 @ torch.arange(6.0) - 2.0  # r2: exactly linear
+    head = ppo.ValueHead(6)
+    head.fit([(h1[:20], r1[:20]), (h1[20:], r1[20:])], forget=0.5, ridge=0.0)  # micro-batches add up
+    head.fit([(h2, r2)], forget=0.5, ridge=0.0)
+    x = torch.cat([torch.cat([h1, h2]), torch.ones(90, 1)], 1).double()
+    sw = torch.cat([torch.full((50,), 0.5), torch.ones(40)]).double().sqrt()[:, None]
+    want = torch.linalg.lstsq(sw * x, sw[:, 0] * torch.cat([r1, r2]).double()).solution
+    torch.testing.assert_close(torch.cat([head.v.weight[0], head.v.bias]).double(), want, atol=1e-5, rtol=1e-5)
+    head.fit([(h2, r2)], forget=0.0, ridge=0.0)  # the first step forgotten: the exact linear fit
+    torch.testing.assert_close(head(h2), r2, atol=1e-4, rtol=1e-4)
+    head.fit([(h2, r2)], forget=0.0)  # the ridge term pulls only slightly
+    torch.testing.assert_close(head(h2), r2, atol=0.05, rtol=0.05)

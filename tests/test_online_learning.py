@@ -22,7 +22,8 @@ def check(result, min_gain: float):
     recs = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if "reward" in m]
     first = sum(m["reward"] for m in recs[:8]) / 8
     last = sum(m["reward"] for m in recs[-8:]) / 8
-    assert after >= before + min_gain, (before, after)
+    # accuracies are k / 300: a gain of exactly 15 points must not fail by one rounding ulp (1e-9)
+    assert after - before >= min_gain - 1e-9, (before, after)
     assert last >= first + 0.03, (first, last)
     # KL per sequence, over 5-step windows: one step's k3 estimate can spike when a few sampled tokens
     # are far likelier under the reference (its e^(log π_ref - log π) term)

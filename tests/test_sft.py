@@ -94,4 +94,4 @@ def test_sft_learns_on_the_embedded_model(embedded_model, tmp_path):
     assert sum(losses[-10:]) / 10 < 0.3 * sum(losses[:5]) / 5
     assert r.eval_before["accuracy"] < 0.10
     assert r.eval_after["accuracy"] >= 0.12
-    assert r.eval_after["accuracy"] >= r.eval_before["accuracy"] + 0.08
+    assert r.eval_after["accuracy"] - r.eval_before["accuracy"] >= 0.08 - 1e-9  # k / n: an exact +8 passes

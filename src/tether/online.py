@@ -155,8 +155,9 @@ class Session:
         cfg = self.cfg
         self.optimizer = runs.make_optimizer(self.policy, cfg)
         for key, m in self.modules.items():  # a critic: its own parameter group and learning rate
-            self.optimizer.add_param_group({"params": [p for p in m.parameters() if p.requires_grad],
-                                            "lr": self.module_lr[key], "weight_decay": 0.0})
+            params = [p for p in m.parameters() if p.requires_grad]
+            if params:  # none: a module fitted otherwise (PPO's least-squares value head), only saved
+                self.optimizer.add_param_group({"params": params, "lr": self.module_lr[key], "weight_decay": 0.0})
         self.scheduler = runs.make_scheduler(self.optimizer, cfg)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.ema_decay:  # W_0 = the starting weights; W_t = d W_{t-1} + (1 - d) θ_t after step t
