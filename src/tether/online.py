@@ -660,13 +660,15 @@ def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: 
     mask[ng, nc] = allowed[is_node]
     real = cols[None] < width[:, None]  # (U, S): the prompt's tokens and the row's nodes; padding after
     out = tree_states(model, ids, pos, mask, real, dtype) if lean else None  # (real tokens, H)
-    if out is None:  # the model's own forward (the default, and architectures the lean one does not cover)
+    if out is not None:
+        flat = torch.cumsum(real.reshape(-1), 0) - 1  # a real (row, column)'s place among the real tokens
+        hidden = out.index_select(0, flat[node_group * S + col])  # one state per node id
+    else:  # the model's own forward (the default, and architectures the lean one does not cover)
         if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         out = model.base_model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
-                               use_cache=False).last_hidden_state[real]
-    flat = torch.cumsum(real.reshape(-1), 0) - 1  # a real (row, column)'s place among the real tokens
-    hidden = out.index_select(0, flat[node_group * S + col])  # one state per node id
+                               use_cache=False).last_hidden_state  # (U, S, H)
+        hidden = out.reshape(U * S, -1).index_select(0, node_group * S + col)  # one state per node id
     # completion token t of row b is predicted by the node fed token t - 1 (t = 0: its prompt's root)
     index = torch.cat([group[:, None], node_of[:, :k - 1]], dim=1)
     index = torch.where(torch.arange(k)[None] < lengths[:, None], index, 0)
