@@ -53,16 +53,13 @@ def embedded_model() -> Path:
     return ensure_embedded(progress=False)
 
 
-@pytest.fixture(scope="session")
-def sft_model(tmp_path_factory, embedded_model) -> Path:
-    """The quickstart's SFT recipe (500 steps × 64 from the embedded model): where alignment starts."""
-    from tether import sft
-    from tether.modeling import default_dtype
-    from tether.quickstart import QuickstartConfig
+SFT_START = Path(__file__).parent / "assets" / "arith-sft"
 
-    q = QuickstartConfig()
-    r = sft.train(sft.SFTConfig(model=str(embedded_model), output_dir=str(tmp_path_factory.mktemp("sft") / "run"),
-                                max_steps=q.sft_steps, lr=q.sft_lr, batch_size=q.sft_batch_size,
-                                micro_batch_size=q.sft_batch_size, eval_data="none", progress=False,
-                                report=False, dtype=default_dtype()))
-    return r.final_dir
+
+@pytest.fixture(scope="session")
+def sft_model() -> Path:
+    """Where alignment starts in the learning tests: a shipped model of the quickstart's SFT recipe
+    (500 steps × 64 from the embedded model; ``assets/arith-sft/provenance.json``). The recipe stops
+    mid-transition, so run here it would land anywhere in 30-49% by seed and CPU kernel, and every
+    learning test would measure where SFT stopped as much as its algorithm (README, Hosts)."""
+    return SFT_START

@@ -26,6 +26,26 @@ def test_the_default_recipe_is_the_shipped_build_and_it_is_intact(tmp_path, tiny
     assert local.parent.name == f"arith-{tiny_build_config.key()}" and (local / "config.json").is_file()
 
 
+def test_the_learning_tests_start_is_intact_and_is_the_embedded_models_sft(sft_model):
+    """The shipped SFT start (tests/assets/arith-sft) is the file its provenance records, made from
+    this embedded build, with its tokenizer, and scores near its recorded greedy accuracy (fp32 here,
+    bf16 where it was made: a few near-tie problems may flip)."""
+    from tether.arith import ArithSpec, eval_rows
+    from tether.evaluate import accuracy
+
+    info = json.loads((sft_model / "provenance.json").read_text())
+    for name, digest in info["sha256"].items():
+        assert hashlib.sha256((sft_model / name).read_bytes()).hexdigest() == digest, name
+    built = json.loads((SHIPPED_DIR / "build.json").read_text())
+    assert list(info["from"].values()) == [built["sha256"]["model.safetensors"]]
+    text = "Question: What is 47 - 6?\nAnswer: 47 - 6 = 41"
+    assert AutoTokenizer.from_pretrained(sft_model).encode(text) == AutoTokenizer.from_pretrained(SHIPPED_DIR).encode(text)
+    model = AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(sft_model)
+    acc = accuracy(model, tok, eval_rows(ArithSpec(), info["greedy_accuracy"]["held_out_prompts"]))["accuracy"]
+    assert abs(acc - info["greedy_accuracy"]["this_model"]) <= 0.03, acc
+
+
 def test_the_recipe_still_describes_the_shipped_tokenizer():
     """The shipped tokenizer is what the default recipe's corpus trains: a change to the corpus or the
     tokenizer recipe without a new shipped build fails here."""

@@ -67,6 +67,18 @@ def default_dtype() -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 units, e.g. "AMD EPYC 9R14 (AVX512-BF16), 2 threads": bf16
+    kernels round differently on AMX and AVX512-BF16, so fixed-seed figures are per host (README, Hosts)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"unknown CPU, {torch.get_num_threads()} threads"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    units = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in info]
+    return f"{name} ({', '.join(units) or 'no bf16 units'}), {torch.get_num_threads()} threads"
+
+
 @contextlib.contextmanager
 def autocast(dtype: str, math_attention: bool = False):
     """The context of tether's forward passes on CPU.
@@ -85,9 +97,9 @@ def autocast(dtype: str, math_attention: bool = False):
     it the embedded model's pretraining, keeps the flash kernel: switching changes the trajectory of
     the quickstart's SFT stage, which stops mid-transition, and its seed-0 model then is a
     poor start for RL (on one host GRPO lost 3 points from it; on another PPO learned nothing from it
-    in two minutes, with either critic). The learning tests start from that model, so SFT keeps the
-    flash kernel until they no longer hinge on one SFT trajectory (figures in the README). With CUDA
-    present the default kernel choice stands."""
+    in two minutes, with either critic). The learning tests now start from a shipped SFT model, so
+    the kernel could switch; that waits for a version that re-measures the quickstart's figures
+    (README). With CUDA present the default kernel choice stands."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with contextlib.ExitStack() as stack:
