@@ -36,12 +36,11 @@ def test_the_learning_tests_start_is_intact_and_is_the_embedded_models_sft(sft_m
     info = json.loads((sft_model / "provenance.json").read_text())
     for name, digest in info["sha256"].items():
         assert hashlib.sha256((sft_model / name).read_bytes()).hexdigest() == digest, name
-    built = json.loads((SHIPPED_DIR / "build.json").read_text())
-    assert list(info["from"].values()) == [built["sha256"]["model.safetensors"]]
-    text = "Question: What is 47 - 6?\nAnswer: 47 - 6 = 41"
-    assert AutoTokenizer.from_pretrained(sft_model).encode(text) == AutoTokenizer.from_pretrained(SHIPPED_DIR).encode(text)
-    model = AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32)
+    assert info["from"]["sha256"] == json.loads((SHIPPED_DIR / "build.json").read_text())["sha256"]["model.safetensors"]
     tok = AutoTokenizer.from_pretrained(sft_model)
+    text = "Question: What is 47 - 6?\nAnswer: 47 - 6 = 41"
+    assert tok.encode(text) == AutoTokenizer.from_pretrained(SHIPPED_DIR).encode(text)
+    model = AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32)
     acc = accuracy(model, tok, eval_rows(ArithSpec(), info["greedy_accuracy"]["held_out_prompts"]))["accuracy"]
     assert abs(acc - info["greedy_accuracy"]["this_model"]) <= 0.03, acc
 
