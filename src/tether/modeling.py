@@ -60,20 +60,22 @@ def default_dtype() -> str:
     than fp32, so tether only autocasts where it pays."""
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
+    flags = _cpuinfo()
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cpu_description() -> str:
     """The CPU's model name and its bf16 units, e.g. "AMD EPYC 9R14 (AVX512-BF16), 2 threads": bf16
     kernels round differently on AMX and AVX512-BF16, so fixed-seed figures are per host (README, Hosts)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"unknown CPU, {torch.get_num_threads()} threads"
+    info = _cpuinfo()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     units = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in info]
     return f"{name} ({', '.join(units) or 'no bf16 units'}), {torch.get_num_threads()} threads"
