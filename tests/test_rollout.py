@@ -105,6 +105,18 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
 
 
+def test_rows_sharing_a_distribution_draw_what_each_row_would_alone():
+    """``sample(logits, g, rows)`` draws exactly the tokens of ``sample(logits[rows], g)`` (rows of
+    any node in any order, nodes with no row), without copying the distribution per row."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    rows = torch.tensor([4, 0, 4, 2, 0, 4, 5, 4, 2, 0, 0, 4])  # nodes 1 and 3 have none
+    for seed in range(5):
+        grouped = sample(logits, torch.Generator().manual_seed(seed), rows)
+        alone = sample(logits[rows], torch.Generator().manual_seed(seed))
+        assert torch.equal(grouped, alone)
+    assert len(set(sample(logits, torch.Generator().manual_seed(0), rows).tolist())) > 3  # not all one token
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_completions_with_the_same_history_share_one_forward(lm, etok, temperature):
     """The engine feeds each distinct (prompt, tokens so far) once per step: the count it reports is
