@@ -10,7 +10,8 @@ Each run is a fresh process; tether and TRL runs are interleaved; steady state e
 Variants:
   grpo-same     identical semantics in fp32
   grpo-default  tether's defaults where they differ: bf16 autocast where the CPU has it
-  grpo-lean     grpo-same with lean_forward=true (tether's own packed-tree forward: same maths, other rounding)
+  grpo-model    grpo-same with lean_forward=false: the model's own forward (transformers') for the update and
+                the reference instead of tether's packed-tree forward (the same maths, rounded differently)
   ppo-same      PPO on the same batch: a separate critic (the costlier kind; PPO's default is a value
                 head), one update per rollout, fp32
   trl           shared/peer/bench_trl.py --trainers grpo (needs /tmp/peer-venv: bash shared/peer/setup.sh)
@@ -49,7 +50,7 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
 
         args += [f"dtype={default_dtype()}"]
     else:
-        args += ["dtype=fp32"] + (["lean_forward=true"] if mode == "lean" else [])
+        args += ["dtype=fp32"] + (["lean_forward=false"] if mode == "model" else [])
     d = run_tether(out, ["tokens", *TIMES], args)
     recs = d["recs"]
     walls = [x["wall"] for x in recs]

@@ -93,7 +93,7 @@ def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy)
     (grpo.GRPOConfig, grpo, dict(loss_type="dr_grpo", importance_level="sequence", epochs=2, mini_batches=2)),
     (ppo.PPOConfig, ppo, dict()),
     (ppo.PPOConfig, ppo, dict(critic="separate", kl_target=0.05)),
-    (ppo.PPOConfig, ppo, dict(critic_fit="least_squares")),
+    (ppo.PPOConfig, ppo, dict(critic_fit="least_squares", lean_forward=False)),  # the model's own forward
     (reinforce.ReinforceConfig, reinforce, dict()),
 ])
 def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
@@ -213,9 +213,11 @@ def _by_length(prompts, completions, meta):
     return [float(len(c) % 5) for c in completions]
 
 
-def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatch):
-    """One GRPO step with 1 × 8, 2 × 4 and 8 × 1 micro-batches gives the same weights. Plain SGD
-    stands in for AdamW, whose first step is scale-free and would hide a mis-normalised loss."""
+@pytest.mark.parametrize("lean", [True, False])
+def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatch, lean):
+    """One GRPO step with 1 × 8, 2 × 4 and 8 × 1 micro-batches gives the same weights, through
+    tether's packed-tree forward (the default) and the model's own. Plain SGD stands in for AdamW,
+    whose first step is scale-free and would hide a mis-normalised loss."""
     from tether import runs
 
     monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
@@ -224,7 +226,7 @@ def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatc
     for mbs in (8, 4, 1):
         r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / str(mbs), max_steps=1, micro_batch_size=mbs,
                              eval_data="none", beta=0.04, max_grad_norm=0, reward="by_length", lr=1.0,
-                             mini_batches=1))  # one update of all 8 completions
+                             mini_batches=1, lean_forward=lean))  # one update of all 8 completions
         from safetensors.torch import load_file
 
         weights.append(load_file(r.final_dir / "model.safetensors"))
@@ -365,12 +367,14 @@ def test_length_reward_correlation_guard():
     assert length_correlation(lengths, torch.tensor([1.0, float("nan"), 3, 4, 5])) == pytest.approx(1.0)
 
 
-def test_trainer_and_sampler_log_probs_agree_during_a_run(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lean", [True, False])
+def test_trainer_and_sampler_log_probs_agree_during_a_run(tiny_model, tmp_path, monkeypatch, lean):
     """fp32, one update per rollout: each step samples from the weights it trains, so the log-probs
-    agree to float noise at every step, the weights moving between steps (a reward that varies)."""
+    agree to float noise at every step, the weights moving between steps (a reward that varies),
+    whichever forward the trainer runs."""
     monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
     r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, eval_data="none", beta=0.0, mini_batches=1,
-                         reward="by_length"))
+                         reward="by_length", lean_forward=lean))
     recs = [m for m in metrics(r.run_dir) if "loss" in m]
     assert all(m["logp_gap"] < 1e-4 for m in recs) and all(m["grad_norm"] > 0 for m in recs)
 

@@ -7,10 +7,13 @@ and PPO 110: about two minutes of training on the 2-core hosts measured (0.9-1.1
 
 The issue asks for +15 points in those two minutes. That is about where these runs land, not a floor
 they clear: from fixed weights, seeds and hosts alone spread the gain by ±3 points (AMD EPYC host:
-GRPO +11.3 / +10.7 / +13.0 and PPO +12.7 / +10.3 / +10.7 for seeds 0 / 1 / 2; the Intel host, from its
-own 39.3% SFT model: GRPO +16.6 / +17.6, PPO +17.3). The tests assert +8 so that they fail on an
-algorithm that does not learn, not on a host that rounds bf16 differently; the README's Hosts section
-has every figure."""
+GRPO +12.3 / +11.7 / +11.3 and PPO +12.7 / +13.7 / +10.0 for seeds 0 / 1 / 2; with the model's own
+forward instead of tether's packed-tree one, the default until this version, GRPO +11.3 / +10.7 / +13.0
+and PPO +12.7 / +10.3 / +10.7; the Intel host, from its own 39.3% SFT model: GRPO +16.6 / +17.6, PPO
++17.3). The tests assert +8 so that they fail on an algorithm that does not learn, not on a host that
+rounds bf16 differently; the README's Hosts section has every figure."""
+
+import statistics
 
 import pytest
 
@@ -25,7 +28,7 @@ MIN_GAIN = 0.08  # greedy held-out accuracy, k / 300
 
 def check(result, min_gain: float = MIN_GAIN):
     """Greedy held-out accuracy gains ``min_gain``, the sampled reward (1,024 samples a step, 8 steps
-    averaged) rises by 3 points, and the KL to the reference stays bounded."""
+    averaged) rises by 3 points, and the KL to the reference stays bounded (no drift past 1 nat)."""
     before, after = result.eval_before["accuracy"], result.eval_after["accuracy"]
     recs = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if "reward" in m]
     first = sum(m["reward"] for m in recs[:8]) / 8
@@ -33,21 +36,24 @@ def check(result, min_gain: float = MIN_GAIN):
     # accuracies are k / 300: a gain of exactly min_gain must not fail by one rounding ulp (1e-9)
     assert after - before >= min_gain - 1e-9, (before, after, cpu_description())
     assert last >= first + 0.03, (first, last)
-    # KL per sequence, over 5-step windows: one step's k3 estimate can spike when a few sampled tokens
-    # are far likelier under the reference (its e^(log π_ref - log π) term)
+    # KL per sequence, the median of 5-step windows: one step's k3 estimate is heavy-tailed (its
+    # e^(log π_ref - log π) term spikes when a few sampled tokens are far likelier under the reference),
+    # and what "bounded" rules out is a drift. Measured (AMD host, 12 runs at the defaults): at most
+    # 0.71, while single steps reached 1.9 and a 5-step mean 0.97; runs with a learning rate too high
+    # drift past it (GRPO lr=3e-4: 1.76; PPO lr=2e-4: 1.18, lr=3e-4: 2.17).
     kl = [m["kl"] for m in recs]
-    assert max(sum(kl[i:i + 5]) / 5 for i in range(len(kl) - 4)) < 1.0
+    assert max(statistics.median(kl[i:i + 5]) for i in range(len(kl) - 4)) < 1.0, kl
 
 
 def test_grpo_learns_arithmetic(sft_model, tmp_path):
     r = grpo.train(grpo.GRPOConfig(model=str(sft_model), output_dir=str(tmp_path / "grpo"), max_steps=125,
                                    eval_samples=300, progress=False, report=False, dtype=default_dtype()))
-    # measured on the AMD host (seed 0): 40.3% -> 51.7%, KL over 5 steps <= 0.57, 1.0 s a step
+    # measured on the AMD host (seed 0): 40.3% -> 52.7%, KL (5-step median) <= 0.59, 0.9 s a step
     check(r)
 
 
 def test_ppo_learns_arithmetic(sft_model, tmp_path):
     r = ppo.train(ppo.PPOConfig(model=str(sft_model), output_dir=str(tmp_path / "ppo"), max_steps=110,
                                 eval_samples=300, progress=False, report=False, dtype=default_dtype()))
-    # measured on the AMD host (seed 0): 40.3% -> 53.0%, KL over 5 steps <= 0.74, 1.0 s a step
+    # measured on the AMD host (seed 0): 40.3% -> 53.0%, KL (5-step median) <= 0.51, 0.9-1.1 s a step
     check(r)
