@@ -297,6 +297,29 @@ def test_lean_decode_step_equals_the_model_forward(etok, kind):
         assert r.hidden.shape == (len(r), r.mask.shape[1], model.config.hidden_size) and r.hidden.abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_decode_weights_give_the_plain_products(etok, dtype):
+    """The decode step's weights packed once for oneDNN (decoding._packed) give the plain products
+    (fp32 up to summation order; bf16 bit for bit on the hosts measured, asserted up to its rounding),
+    and they are packed."""
+    from tether.decoding import LeanDecoder
+
+    model = _random_lm("qwen2", len(etok))
+    packed, plain = LeanDecoder(model, dtype), LeanDecoder(model, dtype, pack=False)
+    assert len(packed.head) == 3 and all(len(w[k]) == 3 for w in packed.layers for k in ("qkv", "o", "gate_up", "down"))
+    assert len(plain.head) == 2
+    ps = prompts(etok)
+    runs = []
+    for dec in (packed, plain):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("tether.rollout.lean_decoder", lambda *a, **k: dec)
+            runs.append(TorchEngine(model, etok, dtype).generate(ps, SamplingParams(max_new_tokens=8, temperature=0)))
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    tol = 1e-5 if dtype == "fp32" else 1e-2
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("kind,padding", [("qwen2", 0.0), ("qwen2", 1.0), ("llama", 0.0), ("qwen3", 1.0),
                                           ("mistral", 0.0)])
 def test_lean_tree_forward_equals_the_model_forward(etok, kind, padding, monkeypatch):

@@ -167,7 +167,7 @@ class TorchEngine:
                                    position_ids=pos, **kv)  # (nodes, V), (nodes, H) or None
         attn[:, P:] = 1  # generated columns; rows that stopped leave the batch instead of being masked
         # the lean decode step needs the buffer cache; it snapshots the weights now, as they are
-        decoder = lean_decoder(model, self.dtype) if self.lean and hasattr(cache.layers[0], "kbuf") else None
+        decoder = lean_decoder(model, self.dtype, N) if self.lean and hasattr(cache.layers[0], "kbuf") else None
 
         out_ids = torch.full((N, L), self.pad, dtype=torch.long, device=device)
         out_lp = torch.zeros(N, L, device=device)
