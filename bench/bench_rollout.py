@@ -1,4 +1,5 @@
-"""Rollout speed: tether's KV-cache engine vs transformers' ``generate`` vs a naive loop (no cache).
+"""Rollout speed: tether's KV-cache engine (and the same without its packed decode weights) vs
+transformers' ``generate`` vs a naive loop (no cache).
 
 On the peer fixture (../shared/peer/README.md: 8 prompts × 8 completions, 32 new tokens, temperature
 1, fp32, 2 threads) or the embedded model. Prints s/rollout and generated tokens/s, median of repeats.
@@ -78,7 +79,19 @@ def main() -> None:
         r = engine.generate(prompts, params)
         return int(r.mask.sum())
 
-    methods = {"tether TorchEngine": ours, "transformers generate": lambda: hf_generate(model, prompts, args.n, args.max_new, pad)}
+    def unpacked():  # the decode step without its oneDNN-packed weights (decoding._packed)
+        import tether.rollout as rollout
+        from tether.decoding import LeanDecoder
+
+        lean_decoder = rollout.lean_decoder
+        rollout.lean_decoder = lambda m, d, rows=64: LeanDecoder(m, d, pack=False)
+        try:
+            return ours()
+        finally:
+            rollout.lean_decoder = lean_decoder
+
+    methods = {"tether TorchEngine": ours, "  unpacked weights": unpacked,
+               "transformers generate": lambda: hf_generate(model, prompts, args.n, args.max_new, pad)}
     if not args.skip_naive:
         methods["naive loop (no cache)"] = lambda: naive(model, prompts, args.n, args.max_new, pad)
     times: dict[str, list[float]] = {k: [] for k in methods}
