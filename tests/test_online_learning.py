@@ -6,12 +6,13 @@ its sampled reward and keep the KL to the reference bounded within a fixed numbe
 and PPO 110: about two minutes of training on the 2-core hosts measured (0.9-1.1 s a step).
 
 The issue asks for +15 points in those two minutes. That is about where these runs land, not a floor
-they clear: from fixed weights, seeds and hosts alone spread the gain by ±3 points (AMD EPYC host:
-GRPO +12.3 / +11.7 / +11.3 and PPO +12.7 / +13.7 / +10.0 for seeds 0 / 1 / 2; with the model's own
-forward instead of tether's packed-tree one, the default until this version, GRPO +11.3 / +10.7 / +13.0
-and PPO +12.7 / +10.3 / +10.7; the Intel host, from its own 39.3% SFT model: GRPO +16.6 / +17.6, PPO
-+17.3). The tests assert +8 so that they fail on an algorithm that does not learn, not on a host that
-rounds bf16 differently; the README's Hosts section has every figure."""
+they clear: from fixed weights, seeds and hosts alone spread the gain by ±3 points (AMD EPYC host,
+seeds 0-4: GRPO +12.3 / +11.7 / +11.3 / +10.0 / +14.0, PPO +12.7 / +13.7 / +10.0 / +13.0 / +8.3; with
+the model's own forward instead of tether's packed-tree one, the default until this version, seeds
+0-2: GRPO +11.3 / +10.7 / +13.0, PPO +12.7 / +10.3 / +10.7; the Intel host, from its own 39.3% SFT
+model: GRPO +16.6 / +17.6, PPO +17.3). The tests assert +8 (GRPO) and +7 (PPO) so that they fail on
+an algorithm that does not learn, not on a host that rounds bf16 differently; the README's Hosts
+section has every figure."""
 
 import statistics
 
@@ -55,5 +56,7 @@ def test_grpo_learns_arithmetic(sft_model, tmp_path):
 def test_ppo_learns_arithmetic(sft_model, tmp_path):
     r = ppo.train(ppo.PPOConfig(model=str(sft_model), output_dir=str(tmp_path / "ppo"), max_steps=110,
                                 eval_samples=300, progress=False, report=False, dtype=default_dtype()))
-    # measured on the AMD host (seed 0): 40.3% -> 53.0%, KL (5-step median) <= 0.51, 0.9-1.1 s a step
-    check(r)
+    # measured on the AMD host (seed 0): 40.3% -> 53.0%, KL (5-step median) <= 0.51, 0.9-1.1 s a step.
+    # PPO's gain spreads wider over seeds than GRPO's (8 runs: +8.3 to +13.7, against +10.0 to +14.0),
+    # so its bar sits at +7, as far below its spread as GRPO's +8 below GRPO's
+    check(r, min_gain=0.07)
