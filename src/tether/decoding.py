@@ -7,6 +7,8 @@ does the same arithmetic with fewer, larger ops:
 
 - q, k, v as one projection and gate, up as one (weights concatenated once per generation);
 - bf16 weights cast once, not at every step, when the engine samples in bf16;
+- each product's weight packed once per generation for oneDNN (:func:`_packed`), so the small
+  products of a decode step do not repack it at every call;
 - keys and values written in place into the engine's preallocated cache, and grouped-query
   attention as two batched matmuls over the (kv head, query group) layout;
 - RMSNorm as one fused op; rotary tables from the model's own rotary module (so rope scaling types
