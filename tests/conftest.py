@@ -46,6 +46,23 @@ def tokenizer(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def gpt2_model(tmp_path_factory, tokenizer) -> Path:
+    """Another architecture than the embedded Qwen2, as a user's local checkpoint: a tiny random GPT-2
+    (absolute positions, LayerNorm, GELU, none of tether's own forwards) with GPT-2's default dropout of
+    0.1, and the tiny model's tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=128,
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = tmp_path_factory.mktemp("gpt2") / "model"
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The real embedded model (pretrained): the build shipped with tether."""
     from tether.embedded import ensure_embedded

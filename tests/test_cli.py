@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tether.cli import main
 from tether.sft import SFTConfig
 
@@ -35,3 +37,26 @@ def test_unknown_key_exits_with_a_clear_error(capsys):
     assert main(["sft", "lerning_rate=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'lerning_rate'" in err and "valid keys" in err
+
+
+ONLINE = ["max_steps=2", "prompts_per_step=2", "num_generations=2", "max_new_tokens=4", "eval_samples=4"]
+OFFLINE = ["max_steps=2", "batch_size=4", "micro_batch_size=2"]
+
+
+@pytest.mark.parametrize("command,args", [
+    ("sft", [*OFFLINE, "arith_rows=16", "eval_samples=4"]),
+    ("reward", [*OFFLINE, "arith_pairs=8", "eval_pairs=8"]),
+    ("attributes", [*OFFLINE, "arith_rows=16", "eval_rows=8"]),
+    ("dpo", [*OFFLINE, "arith_pairs=8", "eval_pairs=8"]),
+    ("grpo", ONLINE), ("ppo", [*ONLINE, "critic=separate"]), ("reinforce", ONLINE),
+])
+def test_every_trainer_takes_a_local_checkpoint_of_another_architecture(gpt2_model, tmp_path, command, args):
+    """Any local transformers checkpoint, not only the embedded Qwen2: a GPT-2 (absolute positions, no
+    fused path of tether's covers it) trains through every command and saves a loadable model."""
+    from transformers import AutoConfig
+
+    out = tmp_path / command
+    assert main([command, f"model={gpt2_model}", f"output_dir={out}", "progress=false", "report=false", *args]) == 0
+    final = out / "final"
+    assert (final / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(final).model_type == "gpt2"

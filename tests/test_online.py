@@ -379,6 +379,40 @@ def test_trainer_and_sampler_log_probs_agree_during_a_run(tiny_model, tmp_path, 
     assert all(m["logp_gap"] < 1e-4 for m in recs) and all(m["grad_norm"] > 0 for m in recs)
 
 
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_while_training_unless_kept(gpt2_model, tmp_path, monkeypatch, disable):
+    """A GPT-2 checkpoint (dropout 0.1, the model's own forward everywhere): with its dropout zeroed, the
+    default, the trainer's log-probs are the sampler's to float noise; kept, they are a noisy
+    perturbation of them (0.05 nats a token measured)."""
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    r = grpo.train(small(grpo.GRPOConfig, gpt2_model, tmp_path, eval_data="none", beta=0.04, mini_batches=1,
+                         reward="by_length", disable_dropout=disable, max_steps=2))
+    gaps = [m["logp_gap"] for m in metrics(r.run_dir) if "loss" in m]
+    assert all(g < 1e-5 for g in gaps) if disable else all(g > 1e-2 for g in gaps), gaps
+
+
+def test_disable_dropout_zeroes_modules_and_attention_rates():
+    """nn.Dropout modules (GPT-2) and the float rates attention modules read at call time (Qwen2's
+    ``attention_dropout``) both go to 0: a training forward then equals an eval forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from tether.modeling import disable_dropout
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 12))
+    models = [GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)),
+              Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5))]
+    for model in models:
+        model.eval()
+        want = model(ids).logits
+        model.train()
+        assert not torch.allclose(model(ids).logits, want)
+        assert disable_dropout(model) > 0
+        assert torch.equal(model(ids).logits, want)
+        assert disable_dropout(model) == 0
+
+
 def test_mini_batches_hold_whole_prompt_groups():
     """Mini-batches are cut from a shuffle of prompt groups: every completion once, each group's
     completions adjacent and in order (its prompt is computed once per mini-batch), groups reordered."""

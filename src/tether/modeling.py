@@ -48,6 +48,25 @@ def load_causal_lm(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Zero every dropout rate of ``model``, so that its training forward computes the function its
+    eval forward does (TRL's ``disable_dropout``): ``nn.Dropout`` modules, and the float rates that
+    attention modules read at call time (``attention_dropout`` in transformers' Llama/Qwen attention).
+    With dropout on, an RL update's log-probs are a random perturbation of the sampler's (GPT-2's
+    default 0.1 put them 0.05 nats a token apart) and a KL to an eval-mode reference is biased from
+    step 0. Returns how many rates were non-zero. The saved config keeps the model's own rates."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                changed += value > 0
+                setattr(module, name, 0.0)
+    return changed
+
+
 def with_cache(model, cache) -> dict:
     """The keyword that hands a KV cache to ``model``'s forward: ``cache`` since transformers 5.24,
     ``past_key_values`` before (deprecated in 5.24, removed in 5.40)."""

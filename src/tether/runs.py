@@ -44,6 +44,7 @@ class RunConfig(Config):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay to min_lr_ratio*lr, or constant")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate of the cosine schedule, as a fraction of lr")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping by global norm (0: off)")
+    disable_dropout: bool = Field(True, description="zero the model's dropout rates while training (TRL's disable_dropout), so that the trainer's log-probs are the sampler's and the reference's function of the weights; SFT keeps them by default")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer stay fp32)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")

@@ -18,7 +18,7 @@ from .arith import sft_rows
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
+from .modeling import autocast, disable_dropout, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class SFTConfig(runs.OfflineConfig):
     max_new_tokens: int = Field(16, ge=1, description="generation budget of the evaluation")
     overlong: Literal["drop", "truncate"] = Field("drop", description="rows longer than max_length: drop (counted) or truncate")
     packing: bool = Field(False, description="pack several rows into each max_length row (attention stays within each row)")
+    disable_dropout: bool = Field(False, description="zero the model's dropout rates while training (SFT keeps them by default, as TRL's SFTTrainer: no log-probs are compared against a sampler or a reference)")
 
 
 @dataclass
@@ -78,6 +79,8 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.train()
+    if cfg.disable_dropout:
+        disable_dropout(model)
     pad = padding_id(tokenizer)
     items, stats = load_examples(cfg, tokenizer, rows)
 
