@@ -24,6 +24,54 @@ def test_completion_only_mask_excludes_prompt_tokens(tokenizer):
     assert trained == c  # exactly the completion and its EOS are predicted, no prompt token
 
 
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_model, tmp_path_factory):
+    """The tiny tokenizer made to lead every text with a BOS by default, as Llama's, Mistral's and
+    Gemma's do (here ``<|im_start|>``), saved and reloaded as a user's checkpoint would be."""
+    from tokenizers.processors import TemplateProcessing
+
+    from tether.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    tok.bos_token = "<|im_start|>"
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                              special_tokens=[("<|im_start|>", tok.bos_token_id)])
+    out = tmp_path_factory.mktemp("bos")
+    tok.save_pretrained(out)
+    return load_tokenizer(out)
+
+
+def test_sequences_start_with_the_tokenizers_default_bos_once(bos_tokenizer, tokenizer):
+    """Prompts and plain-text rows lead with the BOS a Llama-family tokenizer adds by default (a model
+    scores text without it off-distribution), once even where the text renders it already; completions
+    never get one; a tokenizer without a default BOS (the embedded one) is left as it is."""
+    from tether.data import prompt_ids, tokenize_pairs
+    from tether.evaluate import engine_texts
+
+    tok, bos = bos_tokenizer, bos_tokenizer.bos_token_id
+    prompt, completion = "Question: What is 3 + 4?\nAnswer:", " 3 + 4 = 7"
+    plain = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tok, prompt) == [bos] + plain
+    assert prompt_ids(tok, "<|im_start|>" + prompt) == [bos] + plain
+    assert prompt_ids(tokenizer, prompt) == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    (ex,), _ = tokenize_sft(rows_of({"prompt": prompt, "completion": completion}), tok, 128)
+    assert ex.input_ids[:len(plain) + 1] == [bos] + plain and ex.input_ids.count(bos) == 1
+    assert ex.loss_mask[:len(plain) + 1] == [0] * (len(plain) + 1)
+    (text,), _ = tokenize_sft(rows_of({"text": "3 + 4 = 7"}), tok, 128)
+    assert text.input_ids[0] == bos and text.loss_mask[:2] == [0, 1]
+    (pair,), _ = tokenize_pairs(rows_of({"prompt": prompt, "chosen": " 7", "rejected": " 8"}), tok, 128)
+    assert pair.prompt[0] == bos and bos not in pair.chosen + pair.rejected
+
+    class Engine:  # what the rollout engine is handed for evaluation and RL prompts
+        def generate(self, ids, params):
+            self.ids = ids
+            return type("R", (), {"texts": [""] * len(ids)})()
+
+    engine = Engine()
+    engine_texts(engine, tok, [prompt, prompt], None)
+    assert engine.ids == [[bos] + plain] * 2
+
+
 def test_chat_messages_train_on_assistant_turns_only(tokenizer):
     msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
             {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"}]

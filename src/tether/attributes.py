@@ -20,7 +20,7 @@ from pydantic import Field
 
 from . import runs
 from .arith import ATTRIBUTES, rating_rows
-from .data import DataError, Example, collate, read_rows
+from .data import DataError, Example, collate, prompt_ids, read_rows
 from .evaluate import rank_accuracy
 from .losses.rating import attribute_mse, weighted_score
 from .modeling import autocast, disable_dropout, load_tokenizer, padding_id, resolve_model_path
@@ -137,7 +137,7 @@ def attribute_scores(model, tokenizer, prompts: list[str], completions: list[str
 
 
 def _example(tokenizer, prompt: str, completion: str) -> Example:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, prompt) + tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)  # scored at the EOS, like the Bradley-Terry model
     return Example(ids, [0] * len(ids))

@@ -129,6 +129,26 @@ def _bad(stats: DataStats, skip: bool, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Tokenization for SFT
 # ---------------------------------------------------------------------------------------------
+def _default_bos(tokenizer) -> int | None:
+    """The BOS id ``tokenizer`` puts before a text by default (Llama, Mistral, Gemma), else None (GPT-2,
+    Qwen, the embedded tokenizer). Cached on the tokenizer: it is asked once per prompt."""
+    if "_tether_bos" not in vars(tokenizer):
+        bos = tokenizer.bos_token_id
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"] if bos is not None else []
+        tokenizer._tether_bos = bos if ids and ids[0] == bos else None
+    return tokenizer._tether_bos
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a text that starts a sequence (a prompt, a plain-text row): led by the tokenizer's
+    default BOS where it has one, as the model saw text in pretraining, and only once (a chat template
+    that renders its BOS already has it). What follows (completions) is tokenized without special
+    tokens. A Llama-family model fed prompts without their BOS samples and scores them off-distribution."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = _default_bos(tokenizer)
+    return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else list(ids)
+
+
 def tokenize_sft(rows: Iterable[Row], tokenizer, max_length: int, overlong: Literal["drop", "truncate"] = "drop",
                  skip_bad_rows: bool = False, stats: DataStats | None = None) -> tuple[list[Example], DataStats]:
     """Tokenize SFT rows into examples with a completion-only loss mask (module docstring)."""
@@ -171,7 +191,7 @@ def _tokenize_row(row: Row, tokenizer) -> Example:
             raise DataError(f"{row.where}: 'prompt' and 'completion' must both be strings (or both message lists)")
         if not completion.strip():
             raise DataError(f"{row.where}: empty completion")
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = prompt_ids(tokenizer, prompt)
         c = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if eos is not None and (not c or c[-1] != eos):
             c = c + [eos]
@@ -179,7 +199,7 @@ def _tokenize_row(row: Row, tokenizer) -> Example:
     if "text" in d:
         if not isinstance(d["text"], str) or not d["text"].strip():
             raise DataError(f"{row.where}: 'text' must be a non-empty string")
-        ids = tokenizer(d["text"], add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer, d["text"])
         if eos is not None:
             ids = ids + [eos]
         return Example(ids, [0] + [1] * (len(ids) - 1))  # the first token has no prediction
@@ -415,7 +435,7 @@ def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_row
         except DataError as e:
             _bad(stats, skip_bad_rows, str(e))
             continue
-        p = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        p = prompt_ids(tokenizer, p_text)
         cr = []
         for text in (c_text, r_text):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from .arith import ArithSpec, eval_rows, exact_match, extract_answer
 from .config import Config
-from .data import DataError, read_rows
+from .data import DataError, prompt_ids, read_rows
 from .modeling import padding_id
 
 
@@ -47,26 +47,21 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     """Greedy completions of ``prompts`` (batched, left-padded, KV cache)."""
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     pad = padding_id(tokenizer)
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False) \
-                if tokenizer.pad_token_id is not None else _pad_left(tokenizer, chunk, pad)
+            enc = _pad_left(tokenizer, prompts[i:i + batch_size], pad)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  temperature=None, top_p=None, top_k=None)
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return out
 
 
 def _pad_left(tokenizer, prompts: list[str], pad: int) -> dict[str, torch.Tensor]:
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     T = max(map(len, ids))
     input_ids = torch.full((len(ids), T), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
@@ -139,7 +134,7 @@ def score_samples(rows: list[dict[str, str]], groups: list[list[str]]) -> dict[s
 def engine_texts(engine, tokenizer, prompts: list[str], params, batch_prompts: int = 128) -> list[str]:
     """The completion texts of ``prompts`` from a rollout engine, ``batch_prompts`` prompts per call
     (``params.n`` consecutive completions per prompt)."""
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     return [t for i in range(0, len(ids), batch_prompts) for t in engine.generate(ids[i:i + batch_prompts], params).texts]
 
 

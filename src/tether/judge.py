@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .arith import ArithSpec, corrupt, sample_problems
-from .data import Example, collate
+from .data import Example, collate, prompt_ids
 from .modeling import hidden_at, load_causal_lm, load_tokenizer, padding_id
 
 DEFAULT_INSTRUCTION = "Is the answer correct?"
@@ -64,7 +64,7 @@ class Judge:
         pad = padding_id(tok)
         rows = []
         for p, c in zip(prompts, completions):
-            ids = tok(judge_prompt(p, c, self.instruction), add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(tok, judge_prompt(p, c, self.instruction))
             rows.append(Example(ids, [0] * len(ids)))
         out = []
         for i in range(0, len(rows), self.batch_size):

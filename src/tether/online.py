@@ -27,7 +27,7 @@ from pydantic import Field
 
 from . import runs
 from .arith import ArithSpec, problem_space
-from .data import DataError, EpochSampler, read_rows
+from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
@@ -220,7 +220,7 @@ class Session:
         """Stage 1: the next prompts and ``num_generations`` sampled completions of each."""
         t = time.perf_counter()
         idx = self.sampler.next(self.cfg.prompts_per_step)
-        ids = [self.tokenizer(self.prompts[i], add_special_tokens=False)["input_ids"] for i in idx]
+        ids = [prompt_ids(self.tokenizer, self.prompts[i]) for i in idx]
         roll = self.engine.generate(ids, self.params)
         self.timings["time/generate"] = time.perf_counter() - t
         return idx, roll

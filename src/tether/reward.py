@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from . import runs
-from .data import IGNORE, Example, PairExample, collate, collate_pairs
+from .data import IGNORE, Example, PairExample, collate, collate_pairs, prompt_ids
 from .losses.pairwise import bradley_terry_loss
 from .modeling import (autocast, disable_dropout, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden,
                        packed_token_logps, padding_id, resolve_model_path)
@@ -87,7 +87,7 @@ class RewardScorer:
         pad = padding_id(tok)
         rows = []
         for p, c in zip(prompts, completions):
-            ids = tok(p, add_special_tokens=False)["input_ids"] + tok(c, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(tok, p) + tok(c, add_special_tokens=False)["input_ids"]
             if eos is not None and ids[-1:] != [eos]:
                 ids.append(eos)  # scored at the EOS, as in training
             rows.append(Example(ids, [0] * len(ids)))
