@@ -88,6 +88,23 @@ def test_stop_strings_end_the_completion(lm, etok):
     assert hits >= 2
 
 
+def test_the_generation_configs_end_tokens_stop_as_generate_stops(embedded_model, etok):
+    """A chat model ends its turns with a token of its own (Llama 3's <|eot_id|>, Qwen's <|im_end|>),
+    listed in its generation config's eos_token_id beside the tokenizer's EOS: the engine stops there,
+    the token kept and the row not truncated, where transformers' ``generate`` stops."""
+    model = load_causal_lm(embedded_model).eval()
+    ps = prompts(etok, 3)
+    free = TorchEngine(model, etok).generate(ps, SamplingParams(max_new_tokens=12, temperature=0))
+    end_of_turn = int(free.completion_ids[0, 2])  # a token greedy decoding emits third in the first row
+    model.generation_config.eos_token_id = [etok.eos_token_id, end_of_turn]
+    r = TorchEngine(model, etok).generate(ps, SamplingParams(max_new_tokens=12, temperature=0))
+    for i, p in enumerate(ps):
+        want = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):]
+        got = r.completion_ids[i, :int(r.mask[i].sum())]
+        assert got.tolist() == want.tolist()
+    assert int(r.mask[0].sum()) == 3 and not bool(r.truncated[0])
+
+
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]

@@ -36,6 +36,16 @@ def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and every EOS of the model's generation
+    config, which is where ``generate`` and vLLM stop too (chat models end a turn with their own token:
+    Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``, often not the tokenizer's EOS)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen if isinstance(gen, (list, tuple)) else [gen]
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

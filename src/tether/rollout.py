@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from .decoding import lean_decoder
-from .modeling import autocast, padding_id, with_cache
+from .modeling import autocast, padding_id, stop_token_ids, with_cache
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, dtype: str = "fp32", seed: int = 0, lean: bool = True):
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
-        self.eos = tokenizer.eos_token_id
+        self.stop_ids = torch.tensor(stop_token_ids(model, tokenizer), dtype=torch.long)
         self.pad = padding_id(tokenizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.lean = lean  # decode steps by tether.decoding where the architecture allows (else the model's forward)
@@ -146,6 +146,7 @@ class TorchEngine:
         K, n, L = len(prompts), params.n, params.max_new_tokens
         N, P = K * n, max(map(len, prompts))
         device = next(model.parameters()).device
+        stops = self.stop_ids.to(device)
         # left padding: every row's next token is at column P, so one step feeds one column
         ids = torch.full((K, P), self.pad, dtype=torch.long)
         attn = torch.zeros(K, P + L, dtype=torch.long)
@@ -191,7 +192,7 @@ class TorchEngine:
             if out_h is not None:
                 out_h[live, t] = hid[node].float()
             length[live] += 1
-            end = tok == self.eos if self.eos is not None else torch.zeros_like(tok, dtype=torch.bool)
+            end = torch.isin(tok, stops)
             if stop_checker is not None:
                 end |= stop_checker.update(live, tok)
             if t == L - 1 or bool(end.all()):
