@@ -177,7 +177,7 @@ def test_accumulation_splits_give_the_same_gradient(loss_type):
             loss, _ = policy_loss(x[s], old[s], adv[s], mask[s], cfg, ref[s], num_sequences=8,
                                   num_tokens=float(mask.sum()))
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grads.append((total, x.grad))
     for total, g in grads[1:]:
         assert total == pytest.approx(grads[0][0], rel=1e-12)
@@ -194,7 +194,7 @@ def test_empty_completion_gives_a_finite_loss():
         assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
     empty = torch.zeros(2, 4, dtype=torch.long)
     loss, _ = policy_loss(logps, None, torch.tensor([1.0, -1.0]), empty, PolicyLossConfig(loss_type="dapo"))
-    assert float(loss) == 0
+    assert float(loss.detach()) == 0
 
 
 def test_value_loss_clips_pessimistically():
