@@ -96,7 +96,7 @@ def test_cached_reference_scores_each_pair_once_then_lets_the_model_go(tiny_mode
         loads.append(1)
         return load_causal_lm(tiny_model).eval()
 
-    ref = dpo.CachedReference(load, pairs, tokenizer.pad_token_id, dpo.DPOConfig(batch_size=9, micro_batch_size=3))
+    ref = dpo.CachedReference(load, pairs, tokenizer.pad_token_id, dpo.DPOConfig(batch_size=9, micro_batch_size=3, dtype="fp32"))
     assert ref.model is None and not loads  # nothing loaded before it is needed
     expected = dpo.reference_logps(load_causal_lm(tiny_model), pairs, tokenizer.pad_token_id, None)
     idx = [5, 0, 1, 5, 2]  # a repeat in the batch is scored once
@@ -120,7 +120,7 @@ def test_micro_batches_give_the_same_gradient(tiny_model, tokenizer, micro):
 
     def grads(m):
         model = load_causal_lm(tiny_model)
-        cfg = dpo.DPOConfig(batch_size=8, micro_batch_size=8, loss_type=["sigmoid", "sft"])
+        cfg = dpo.DPOConfig(batch_size=8, micro_batch_size=8, loss_type=["sigmoid", "sft"], dtype="fp32")
         cfg.__dict__["micro_batch_size"] = m  # bypass validation: also try an uneven split (3 + 3 + 2)
         totals, _ = dpo.accumulate_gradients(model, pairs, ref, cfg, tokenizer.pad_token_id)
         return totals, [p.grad.clone() for p in model.parameters()]

@@ -12,10 +12,11 @@ from tether.rewards import RewardSet, arith_exact_match, make_rewards
 
 
 def small(cls, tiny_model, tmp_path, **kw):
-    """A few-step run; final/ is the last iterate (``ema_decay=0``) unless a test asks for the average."""
+    """A few-step run; final/ is the last iterate (``ema_decay=0``) unless a test asks for the average.
+    float32 (the default is bf16 where the CPU has it), where the tests' exact agreements hold."""
     base = dict(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=3, prompts_per_step=2,
                 num_generations=4, max_new_tokens=6, eval_samples=8, progress=False, report=False, lr=1e-3,
-                ema_decay=0.0)
+                ema_decay=0.0, dtype="fp32")
     return cls(**{**base, **kw})
 
 
@@ -90,6 +91,7 @@ def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls,module,extra", [
     (grpo.GRPOConfig, grpo, dict(beta=0.04)),
+    (grpo.GRPOConfig, grpo, dict(beta=0.04, dtype="bf16")),  # autocast (emulated where the CPU lacks it)
     (grpo.GRPOConfig, grpo, dict(loss_type="dr_grpo", importance_level="sequence", epochs=2, mini_batches=2)),
     (ppo.PPOConfig, ppo, dict()),
     (ppo.PPOConfig, ppo, dict(critic="separate", kl_target=0.05)),

@@ -47,7 +47,7 @@ def test_one_update_is_the_same_with_accumulation(tiny_model, tmp_path):
     def run(micro, name):
         cfg = sft.SFTConfig(model=str(tiny_model), output_dir=str(tmp_path / name), max_steps=1, batch_size=8,
                             micro_batch_size=micro, lr=1e-4, warmup_steps=0, eval_data="none", progress=False,
-                            report=False, arith_rows=64)
+                            report=False, arith_rows=64, dtype="fp32")
         sft.train(cfg)
         return load_causal_lm(tmp_path / name / "final").state_dict()
 

@@ -145,7 +145,8 @@ def test_grpo_samples_from_vllm_with_the_policys_weights(tiny_model, tmp_path, s
     monkeypatch.setitem(rewards.REWARDS, "by_length", lambda p, completions, m: [len(c) % 5 for c in completions])
     cfg = grpo.GRPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=3, prompts_per_step=2,
                           num_generations=4, max_new_tokens=6, eval_data="none", progress=False, report=False,
-                          lr=1e-2, ema_decay=0.0, engine="vllm", reward="by_length", mini_batches=1)
+                          lr=1e-2, ema_decay=0.0, engine="vllm", reward="by_length", mini_batches=1,
+                          dtype="fp32")
     r = grpo.train(cfg)
     recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(recs) == 3 and stand_in[0].resets == 3

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_state, restore_rng, save_checkpoint
 from .arith import ArithSpec
 from .config import Config, ConfigError
 from .data import EpochSampler
-from .modeling import compile_blocks
+from .modeling import compile_blocks, default_dtype
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class RunConfig(Config):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate of the cosine schedule, as a fraction of lr")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping by global norm (0: off)")
     disable_dropout: bool = Field(True, description="zero the model's dropout rates while training (TRL's disable_dropout), so that the trainer's log-probs are the sampler's and the reference's function of the weights; SFT keeps them by default")
-    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights and optimizer stay fp32)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", validate_default=True, description="autocast dtype (weights and optimizer stay fp32): auto is bf16 where the CPU or GPU computes it natively (AVX512-BF16, AMX), else fp32, resolved when the config is made and recorded in the run's config.yaml")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept")
@@ -53,6 +53,13 @@ class RunConfig(Config):
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs tether[tensorboard])")
     report: bool = Field(True, description="write report.md and report.png into output_dir at the end")
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_dtype(cls, dtype: str) -> str:
+        # resolved here, not at each use: the run records what it ran in, and resuming on a host that
+        # resolves "auto" otherwise is refused as a changed setting instead of continuing in another dtype
+        return default_dtype() if dtype == "auto" else dtype
 
 
 class TrainConfig(RunConfig):
