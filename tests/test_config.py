@@ -38,3 +38,25 @@ def test_nested_arith_spec_is_validated():
 def test_batch_must_split_into_micro_batches():
     with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
         SFTConfig.load(overrides=["batch_size=10", "micro_batch_size=4"])
+
+
+def test_help_shows_defaults_as_they_would_be_typed():
+    """Nested configs and containers show their real defaults (not a factory placeholder), in the
+    YAML that ``key=value`` accepts, and container types keep their parameters."""
+    from tether.grpo import GRPOConfig
+
+    text = GRPOConfig.help_text()
+    assert "  arith (ArithSpec, default {max_operand: 49, mul_max_operand: 12, ops: +-*, held_out_fraction: 0.1})" in text
+    assert "  reward (str | dict[str, float], default exact_match)" in text
+    assert "Undefined" not in text
+    again = GRPOConfig.load(overrides=["arith={max_operand: 49, mul_max_operand: 12, ops: +-*, held_out_fraction: 0.1}"])
+    assert again.arith == GRPOConfig().arith
+
+
+def test_auto_dtype_is_resolved_and_recorded():
+    from tether.modeling import default_dtype
+    from tether.sft import SFTConfig
+
+    cfg = SFTConfig()
+    assert cfg.dtype == default_dtype() and f"dtype: {default_dtype()}" in cfg.to_yaml()
+    assert SFTConfig(dtype="fp32").dtype == "fp32"

@@ -61,9 +61,7 @@ class Config(BaseModel):
         """One line per option: name, type, default and description (used by ``--help``)."""
         out = []
         for name, f in cls.model_fields.items():
-            typ = _type_name(f.annotation)
-            default = f.default if f.default is not None else "none"
-            out.append(f"  {name} ({typ}, default {default!s})")
+            out.append(f"  {name} ({_type_name(f.annotation)}, default {_shown(f.get_default(call_default_factory=True))})")
             if f.description:
                 out.append(f"      {f.description}")
         return "\n".join(out)
@@ -112,10 +110,21 @@ def _unknown_key_message(cls: type[Config], key: str, source: str) -> str:
     return f"unknown key {key!r} in {source} for {cls.__name__}{hint}; valid keys: {', '.join(valid)}"
 
 
+def _shown(default: Any) -> str:
+    """A default as it would be typed on the command line (YAML; nested configs as a flow mapping)."""
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    if isinstance(default, (dict, list)):
+        return yaml.safe_dump(default, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return "none" if default is None else str(default)
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (list, dict, tuple, set):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
     if origin is not None:
         return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "none")
