@@ -24,7 +24,7 @@ def test_torch_compile_trains_like_eager(tiny_model, tmp_path):
 
     def run(flag: bool) -> tuple[list[float], ...]:
         common = dict(model=str(tiny_model), max_steps=3, batch_size=8, micro_batch_size=4, eval_data="none",
-                      progress=False, report=False, torch_compile=flag)
+                      progress=False, report=False, torch_compile=flag, dtype="fp32")
         s = sft.train(sft.SFTConfig(output_dir=str(tmp_path / f"sft-{flag}"), arith_rows=64, **common))
         d = dpo.train(dpo.DPOConfig(output_dir=str(tmp_path / f"dpo-{flag}"), arith_pairs=32,
                                     loss_type=["sigmoid", "sft"], **common))
