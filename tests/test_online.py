@@ -63,6 +63,36 @@ def test_unknown_reward_is_refused():
         make_rewards("nope")
 
 
+USER_REWARDS = """
+def brevity(prompts, completions, metadata):
+    return [1.0 / (1 + len(c)) for c in completions]
+
+def trl_exact(completions, answer, **kwargs):  # TRL's convention: one keyword list per data column
+    return [float(c.strip().endswith(str(a))) for c, a in zip(completions, answer)]
+
+def wrong(completions):
+    return [0.0] * len(completions)
+"""
+
+
+def test_a_users_reward_function_from_a_file_or_module(tmp_path):
+    """``py:FILE.py:NAME`` and ``py:module:NAME`` load a function of the user's, in tether's
+    (prompts, completions, metadata) form or TRL's keyword form (data columns as lists), weighted with
+    the built-in ones; a missing file, name or module, or a signature that fits neither form, is refused
+    when the rewards are made, not at the first step."""
+    f = tmp_path / "my_rewards.py"
+    f.write_text(USER_REWARDS)
+    rs = make_rewards({f"py:{f}:brevity": 1.0, f"py:{f}:trl_exact": 2.0, "py:tether.rewards:answer_in_numbers": 0.5})
+    total, m = rs(["q", "q"], [" 3 + 4 = 7", " 3 + 4 = 8"], [{"answer": 7}, {"answer": 7}])
+    assert total.tolist() == pytest.approx([1 / 11 + 2.0 + 0.5, 1 / 11 + 0.0 + 0.0])
+    assert m[f"reward/py:{f}:trl_exact/mean"] == 0.5 and m[f"reward/py:{f}:brevity/invalid"] == 0
+    for ref, match in [(f"py:{tmp_path}/none.py:f", "no file"), (f"py:{f}:missing", "no function"),
+                       ("py:no_such_module_x:f", "cannot import"), (f"py:{f}:wrong", "takes neither"),
+                       (f"py:{f}", "expected py:FILE.py:NAME")]:
+        with pytest.raises(ValueError, match=match):
+            make_rewards(ref)
+
+
 @pytest.mark.parametrize("policy", ["fallback", "drop"])
 def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy):
     calls = {"n": 0}

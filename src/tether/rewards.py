@@ -15,12 +15,16 @@ the metrics (``reward/<name>/invalid``), with each function's mean, so a user se
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import logging
 import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -164,10 +168,49 @@ def _attribute_setup(path) -> tuple[list[str], torch.Tensor | None]:
     return list(ATTRIBUTES), None
 
 
+def load_python_reward(ref: str) -> RewardFn:
+    """A reward function of the user's own, named ``FILE.py:NAME`` or ``package.module:NAME`` (what
+    ``reward=py:REF`` loads). It takes tether's ``(prompts, completions, metadata)``, or TRL's keyword
+    convention ``(prompts=, completions=, **columns)`` with one list per data column (``answer=[...]``),
+    so TRL reward functions run unchanged. Refused here, before any training, if it cannot be found
+    or called either way."""
+    target, sep, name = ref.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(f"reward py:{ref}: expected py:FILE.py:NAME or py:package.module:NAME")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ValueError(f"reward py:{ref}: no file {path}")
+        spec = importlib.util.spec_from_file_location(f"tether_user_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(f"reward py:{ref}: cannot import {target!r} ({e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward py:{ref}: {target} has no function {name!r}")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_KEYWORD for p in params) and len(positional) < 3:
+        def trl_style(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]):
+            keys = dict.fromkeys(k for m in metadata for k in m if k not in ("prompts", "completions"))
+            return fn(prompts=prompts, completions=completions, **{k: [m.get(k) for m in metadata] for k in keys})
+
+        return trl_style
+    if len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return fn
+    raise ValueError(f"reward py:{ref}: {name}{inspect.signature(fn)} takes neither (prompts, completions, metadata) "
+                     "nor TRL's (prompts, completions, **columns)")
+
+
 def make_rewards(spec: str | dict[str, float], on_invalid: str = "fallback", fallback: float = 0.0,
                  registry: dict[str, RewardFn] | None = None) -> RewardSet:
     """A :class:`RewardSet` from a config value: a name (``"exact_match"``) or ``{name: weight}``.
-    ``rm:PATH``, ``attributes:PATH`` and ``judge:PATH`` load a trained model as a reward."""
+    ``rm:PATH``, ``attributes:PATH`` and ``judge:PATH`` load a trained model as a reward,
+    ``py:FILE.py:NAME`` / ``py:module:NAME`` a function of the user's (:func:`load_python_reward`)."""
     reg = registry or REWARDS
     weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
     fns: dict[str, RewardFn] = {}
@@ -176,12 +219,15 @@ def make_rewards(spec: str | dict[str, float], on_invalid: str = "fallback", fal
         kind, sep, path = name.partition(":")
         if sep and kind in ("rm", "attributes", "judge"):
             fns[name] = ModelReward(kind, path)
+        elif sep and kind == "py":
+            fns[name] = load_python_reward(path)
         elif name in reg:
             fns[name] = reg[name]
         else:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(reg)}, or rm:PATH, attributes:PATH, judge:PATH")
+        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(reg)}, or rm:PATH, attributes:PATH, judge:PATH, "
+                         "py:FILE.py:NAME, py:module:NAME")
     return RewardSet(fns, weights, on_invalid, fallback)  # type: ignore[arg-type]
 
 
