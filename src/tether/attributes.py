@@ -23,7 +23,7 @@ from .arith import ATTRIBUTES, rating_rows
 from .data import DataError, Example, collate, prompt_ids, read_rows
 from .evaluate import rank_accuracy
 from .losses.rating import attribute_mse, weighted_score
-from .modeling import autocast, disable_dropout, load_tokenizer, padding_id, resolve_model_path
+from .modeling import autocast, load_tokenizer, padding_id, resolve_model_path
 from .reward import last_token_scores, load_reward_model
 from .runlog import read_metrics
 
@@ -165,9 +165,7 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path, num_labels=len(cfg.attributes))
     model.config.pad_token_id = padding_id(tokenizer)
-    model.train()
-    if cfg.disable_dropout:
-        disable_dropout(model)
+    runs.train_mode(model, cfg)
     pad = padding_id(tokenizer)
     examples = [_example(tokenizer, r["prompt"], r["completion"]) for r in train_rows]
     targets = torch.tensor([[float(r["ratings"][a]) for a in cfg.attributes] for r in train_rows])

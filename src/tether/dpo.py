@@ -20,8 +20,8 @@ from .config import ConfigError
 from .data import PairExample, collate, collate_pairs
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
-from .modeling import (autocast, disable_dropout, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id,
-                       resolve_model_path, token_logps)
+from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id, resolve_model_path,
+                       token_logps)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -172,9 +172,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     start_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(ckpt or start_path)
     model = load_causal_lm(ckpt or start_path)
-    model.train()
-    if cfg.disable_dropout:
-        disable_dropout(model)
+    runs.train_mode(model, cfg)
     pad = padding_id(tokenizer)
 
     pairs, stats = load_pairs(cfg, tokenizer, rows)

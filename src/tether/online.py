@@ -31,7 +31,7 @@ from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
-from .modeling import autocast, disable_dropout, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -117,9 +117,7 @@ class Session:
         self.base_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(path)
         self.pad = padding_id(self.tokenizer)
-        self.policy = load_causal_lm(path).train()
-        if cfg.disable_dropout:
-            disable_dropout(self.policy)
+        self.policy = runs.train_mode(load_causal_lm(path), cfg)
         self.ref = None
         if cfg.beta > 0 or cfg.kl_target is not None:  # the reference is the starting model, always
             self.ref = load_causal_lm(self.base_path).eval().requires_grad_(False)

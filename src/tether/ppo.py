@@ -110,13 +110,11 @@ class SeparateCritic(torch.nn.Module):
 
 def train(cfg: PPOConfig) -> runs.FitResult:
     s = Session(cfg, "ppo")
-    from .modeling import disable_dropout, load_causal_lm, resolve_model_path
+    from .modeling import load_causal_lm, resolve_model_path
 
     if cfg.critic == "separate":
         critic = SeparateCritic(load_causal_lm(resolve_model_path(cfg.critic_model) if cfg.critic_model else s.base_path))
-        critic.lm.train()
-        if cfg.disable_dropout:
-            disable_dropout(critic.lm)
+        runs.train_mode(critic.lm, cfg)
     else:
         critic = ValueHead(s.policy.config.hidden_size)
     least_squares = cfg.critic == "head" and cfg.critic_fit == "least_squares" and not cfg.head_trains_backbone

@@ -19,7 +19,7 @@ from pydantic import Field
 from . import runs
 from .data import IGNORE, Example, PairExample, collate, collate_pairs, prompt_ids
 from .losses.pairwise import bradley_terry_loss
-from .modeling import (autocast, disable_dropout, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden,
+from .modeling import (autocast, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden,
                        packed_token_logps, padding_id, resolve_model_path)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
@@ -158,9 +158,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     tokenizer = load_tokenizer(path)
     model = load_reward_model(path)  # the head is initialised after setup_torch's seed: reproducible
     model.config.pad_token_id = pad = padding_id(tokenizer)
-    model.train()
-    if cfg.disable_dropout:
-        disable_dropout(model)
+    runs.train_mode(model, cfg)
 
     if cfg.lm_coef and not getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("lm_coef needs a model whose LM head is tied to its input embeddings "

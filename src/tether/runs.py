@@ -21,7 +21,7 @@ from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_s
 from .arith import ArithSpec
 from .config import Config, ConfigError
 from .data import EpochSampler
-from .modeling import compile_blocks, default_dtype
+from .modeling import compile_blocks, default_dtype, disable_dropout
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,14 @@ class OfflineConfig(TrainConfig):
     def arith_eval(self, rows: Any = None) -> bool:
         """Whether to evaluate on the arithmetic world's held-out split."""
         return self.eval_data == "arith" or (self.eval_data == "auto" and self.data == "arith" and rows is None)
+
+
+def train_mode(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """``model`` in training mode, its dropout zeroed unless ``cfg`` keeps it (``disable_dropout``)."""
+    model.train()
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:

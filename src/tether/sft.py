@@ -18,7 +18,7 @@ from .arith import sft_rows
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import autocast, disable_dropout, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
+from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     model_path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
-    model.train()
-    if cfg.disable_dropout:
-        disable_dropout(model)
+    runs.train_mode(model, cfg)
     pad = padding_id(tokenizer)
     items, stats = load_examples(cfg, tokenizer, rows)
 
