@@ -17,7 +17,7 @@ import torch
 
 from .arith import ArithSpec, corrupt, sample_problems
 from .data import Example, collate, prompt_ids
-from .modeling import hidden_at, load_causal_lm, load_tokenizer, padding_id
+from .modeling import head_logits, hidden_at, load_causal_lm, load_tokenizer, padding_id
 
 DEFAULT_INSTRUCTION = "Is the answer correct?"
 TEMPLATE = "{prompt}{completion}\nInstruction: {instruction}\nVerdict:"
@@ -72,7 +72,7 @@ class Judge:
             last = b.attention_mask.sum(-1) - 1  # right padding: the verdict is predicted here
             hidden = hidden_at(self.model, torch.arange(len(last)), last, input_ids=b.input_ids,
                                attention_mask=b.attention_mask)  # the last layer only at that position
-            logits = self.model.get_output_embeddings()(hidden).float()
+            logits = head_logits(self.model, hidden).float()
             logp = torch.log_softmax(logits, -1)
             yes, no = logp[:, self.yes_id], logp[:, self.no_id]
             out.append(yes - no if self.mode == "logratio" else yes.exp())

@@ -186,6 +186,73 @@ def has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "clang++", "c++"))
 
 
+class _GivenStates(torch.nn.Module):
+    """Stands in for a causal LM's backbone and returns the final hidden states it is given."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
+def _logits_through_model(model, hidden: torch.Tensor) -> torch.Tensor:
+    """``model``'s own head on final hidden states (M, H): its forward runs with the backbone swapped
+    for the given states, so whatever it does around the LM head happens (with gradient)."""
+    prefix = model.base_model_prefix
+    backbone = model._modules[prefix]
+    model._modules[prefix] = _GivenStates(hidden[None])
+    try:
+        ids = torch.zeros(1, hidden.shape[0], dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, use_cache=False).logits[0]
+    finally:
+        model._modules[prefix] = backbone
+
+
+def _head_kind(model) -> str:
+    """"plain" where the logits are the output embedding of the final hidden states, "model" where the
+    model post-processes them (Gemma 2's soft-capping, Cohere's logit scale, Granite's logit scaling,
+    MiniCPM3's hidden scaling…). Decided once per model by comparing both with its own forward on a
+    few tokens; an architecture whose head neither reproduces is refused rather than trained on wrong
+    log-probs."""
+    kind = getattr(model, "_tether_head", None)
+    if kind is not None:
+        return kind
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 6, device=device)[None] % model.config.vocab_size
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            want = model(input_ids=ids, use_cache=False).logits[0].float()
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+            close = dict(rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1)))
+            if torch.allclose(model.get_output_embeddings()(hidden).float(), want, **close):
+                kind = "plain"
+            elif torch.allclose(_logits_through_model(model, hidden).float(), want, **close):
+                kind = "model"
+            else:
+                raise ConfigError(f"{type(model).__name__}: its logits are not a function of the backbone's final "
+                                  "hidden states that tether can reproduce; this architecture is not supported")
+    finally:
+        model.train(was)
+    model._tether_head = kind
+    return kind
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (M, V) of final hidden states (M, H), as ``model``'s forward computes them: the output
+    embedding, then whatever the architecture does to logits (:func:`_head_kind`). Every trainer that
+    runs the backbone and the head apart (to compute logits only where a loss needs them) goes
+    through here, so its log-probs are the model's."""
+    if _head_kind(model) == "plain":
+        return model.get_output_embeddings()(hidden)
+    return _logits_through_model(model, hidden)
+
+
 def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, V) and targets (n,) at the positions that carry a loss, and only there.
 
@@ -195,11 +262,8 @@ def target_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]
     sel = batch.targets != IGNORE
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                   attention_mask=None if batch.position_ids is not None else batch.attention_mask)
-    if getattr(model.config, "final_logit_softcapping", None):  # heads that post-process logits
-        logits = model(**kwargs).logits
-        return logits[sel], batch.targets[sel]
     hidden = model.base_model(**kwargs).last_hidden_state  # (B, T, H)
-    return model.get_output_embeddings()(hidden[sel]), batch.targets[sel]
+    return head_logits(model, hidden[sel]), batch.targets[sel]
 
 
 def token_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +315,7 @@ def packed_pair_logps(model, batch, ld_alpha: float | None = None) -> tuple[torc
     computed once and counted in both sequences. With ``ld_alpha`` (LD-DPO) the tokens past the
     shorter completion count ``ld_alpha`` times, as in :func:`tether.losses.dpo.sequence_logps`.
     """
-    lp = packed_token_logps(packed_pair_hidden(model, batch), batch, model.get_output_embeddings())
+    lp = packed_token_logps(packed_pair_hidden(model, batch), batch, lambda h: head_logits(model, h))
     B = batch.lengths.shape[0] // 2
     if ld_alpha is not None:
         public = torch.minimum(batch.lengths[:B], batch.lengths[B:]).repeat(2)[batch.seq]

@@ -31,7 +31,7 @@ from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
-from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
+from .modeling import autocast, head_logits, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -510,7 +510,7 @@ def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor,
     states = completion_states(model, prompts, completions, mask, dtype, pad, share_prompts, lean)
     sel = mask.bool()
     with autocast(dtype):
-        logits = model.get_output_embeddings()(states.hidden).float()  # (M, V)
+        logits = head_logits(model, states.hidden).float()  # (M, V)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
