@@ -1,6 +1,12 @@
-"""Local checkpoints of architectures that do something to their logits after the LM head (Gemma 2's
-soft-capping, Granite's logit scaling on top of its embedding/residual/attention multipliers, Cohere's
-logit scale): every path that runs the backbone and the head apart must give the model's own logits."""
+"""Local checkpoints of architectures that differ from the embedded Qwen2 where tether's packed paths
+could silently differ from the model's own forward:
+
+- logits post-processed after the LM head (Gemma 2's soft-capping, Granite's logit scaling on top of
+  its embedding/residual/attention multipliers, Cohere's logit scale): every path that runs the
+  backbone and the head apart must give the model's own logits;
+- sliding-window attention (Mistral: every layer; Gemma 2: every other one): tether's 4-D masks
+  (packed prefix trees, pair rows) reach the layers as they are, so sequences longer than the window
+  must run under the model's own masks."""
 
 import json
 
@@ -14,7 +20,7 @@ from tether.modeling import _head_kind, head_logits, load_causal_lm
 
 def _build(kind: str, vocab: int, pad: int, eos: int):
     from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              GraniteForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, eos_token_id=eos, pad_token_id=pad,
@@ -26,6 +32,9 @@ def _build(kind: str, vocab: int, pad: int, eos: int):
                                                             residual_multiplier=0.5, attention_multiplier=0.1)),
         "cohere": lambda: CohereForCausalLM(CohereConfig(**common, logit_scale=0.25)),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
+        # windows of 6 positions: the arithmetic world's prompts alone are longer
+        "gemma2-window": lambda: Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, sliding_window=6)),
+        "mistral-window": lambda: MistralForCausalLM(MistralConfig(**common, sliding_window=6)),
     }[kind]()
     with torch.no_grad():  # logits of several units, where soft-capping and scaling change them a lot
         for p in model.parameters():
@@ -36,7 +45,7 @@ def _build(kind: str, vocab: int, pad: int, eos: int):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer):
     out = {}
-    for kind in ("gemma2", "granite", "cohere"):
+    for kind in ("gemma2", "granite", "cohere", "gemma2-window", "mistral-window"):
         path = tmp_path_factory.mktemp(kind) / "model"
         _build(kind, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -74,10 +83,10 @@ def test_a_head_tether_cannot_reproduce_is_refused():
         _head_kind(model)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
-def test_trainer_and_sampler_agree_on_post_processed_logits(checkpoints, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere", "gemma2-window", "mistral-window"])
+def test_trainer_and_sampler_agree(checkpoints, tmp_path, kind):
     """One fp32 GRPO update per rollout: the trainer's log-probs are the sampler's (they were 0.4 to
-    7 nats a token apart with the bare output embedding)."""
+    7 nats a token apart with the bare output embedding, 0.5 and 0.8 with the windows ignored)."""
     r = grpo.train(grpo.GRPOConfig(model=str(checkpoints[kind]), output_dir=str(tmp_path / "run"), max_steps=1,
                                    prompts_per_step=2, num_generations=4, max_new_tokens=6, eval_data="none",
                                    progress=False, report=False, dtype="fp32", mini_batches=1, beta=0.04))
@@ -85,16 +94,26 @@ def test_trainer_and_sampler_agree_on_post_processed_logits(checkpoints, tmp_pat
     assert rec["logp_gap"] < 1e-4 and rec["kl"] < 1e-6, rec
 
 
-def test_dpo_log_probs_of_a_soft_capped_model_are_its_own(checkpoints, tokenizer):
-    """DPO's packed pair log-probs (the head once per position) equal the sum of the model's own
-    token log-probs of each completion."""
-    from tether.arith import ArithSpec, preference_rows
-    from tether.data import collate_pairs, read_rows, tokenize_pairs
-    from tether.modeling import packed_pair_logps
+def test_sliding_windows_are_found():
+    from tether.modeling import custom_masks_exact, sliding_window
 
-    model = load_causal_lm(checkpoints["gemma2"]).eval()
+    assert sliding_window(_build("qwen2", 96, 1, 0)) is None  # Qwen2 has a window size but does not use it
+    assert sliding_window(_build("mistral-window", 96, 1, 0)) == 6
+    gemma = _build("gemma2-window", 96, 1, 0)
+    assert sliding_window(gemma) == 6 and custom_masks_exact(gemma, 6) and not custom_masks_exact(gemma, 7)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma2-window", "mistral-window"])
+def test_dpo_log_probs_are_the_models_own(checkpoints, tokenizer, kind):
+    """DPO's pair log-probs (shared-prompt rows, the head once per position) equal the sum of the
+    model's own token log-probs of each completion."""
+    from tether.arith import ArithSpec, preference_rows
+    from tether.data import read_rows, tokenize_pairs
+    from tether.dpo import pair_logps
+
+    model = load_causal_lm(checkpoints[kind]).eval()
     pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 3, 0)), tokenizer, 128)
-    chosen, rejected = packed_pair_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))
+    chosen, rejected, _, _ = pair_logps(model, pairs, tokenizer.pad_token_id, None)
     for i, pair in enumerate(pairs):
         for got, completion in ((chosen[i], pair.chosen), (rejected[i], pair.rejected)):
             ids = torch.tensor([pair.prompt + completion])

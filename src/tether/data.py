@@ -452,6 +452,11 @@ def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_row
     return out, stats
 
 
+def longest_pair(pairs: Sequence[PairExample]) -> int:
+    """The most positions any sequence of ``pairs`` spans: prompt plus the longer completion."""
+    return max((len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs), default=0)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists, leaving each at least one token."""
     k, n = 0, min(len(a), len(b)) - 1

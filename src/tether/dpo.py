@@ -17,11 +17,11 @@ from pydantic import Field, field_validator
 
 from . import runs
 from .config import ConfigError
-from .data import PairExample, collate, collate_pairs
+from .data import PairExample, collate, collate_pairs, longest_pair
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
-from .modeling import (autocast, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id, resolve_model_path,
-                       token_logps)
+from .modeling import (autocast, custom_masks_exact, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id,
+                       resolve_model_path, token_logps)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -68,7 +68,7 @@ def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | N
     """
     n_c = torch.tensor([len(p.chosen) for p in pairs])
     n_r = torch.tensor([len(p.rejected) for p in pairs])
-    if shared_prompt:
+    if shared_prompt and custom_masks_exact(model, longest_pair(pairs)):
         with autocast(dtype, math_attention=True):
             c, r = packed_pair_logps(model, collate_pairs(pairs, pad_id), ld_alpha)
         return c, r, n_c, n_r

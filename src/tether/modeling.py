@@ -340,10 +340,32 @@ class _LastLayerInputs(Exception):
         self.hidden, self.kwargs = hidden, kwargs
 
 
+def sliding_window(model) -> int | None:
+    """The attention window of ``model``'s sliding-window layers (Mistral, Gemma 2/3, Qwen2 with
+    ``use_sliding_window``, Phi-3…), None where no layer slides."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False or (
+            types is not None and not any("sliding" in t for t in types)):
+        return None
+    return int(window)
+
+
+def custom_masks_exact(model, longest: int) -> bool:
+    """Whether tether's own 4-D masks (packed prefix trees, pair rows) give ``model`` the attention it
+    would compute itself on sequences of up to ``longest`` positions. transformers hands a 4-D mask to
+    every layer as it is, so a sliding window would not apply: exact while every sequence fits in it.
+    Where it does not, the callers run plain rows under the model's own masks."""
+    window = sliding_window(model)
+    return window is None or longest <= window
+
+
 def _last_layer_at_supported(base) -> bool:
     cfg = base.config
     layers = getattr(base, "layers", None)
     return (getattr(cfg, "model_type", None) in _PRE_NORM_DECODERS and layers is not None and len(layers) > 0
+            and sliding_window(base) is None
             and len(layers) == cfg.num_hidden_layers and getattr(cfg, "attention_dropout", 0.0) == 0.0
             and (getattr(cfg, "layer_types", None) or ["full_attention"])[-1] == "full_attention"
             and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))

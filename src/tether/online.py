@@ -31,7 +31,8 @@ from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
-from .modeling import autocast, head_logits, load_causal_lm, load_tokenizer, padding_id, resolve_model_path
+from .modeling import (autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer, padding_id,
+                       resolve_model_path)
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -478,7 +479,8 @@ def completion_states(model, prompts: list[list[int]], completions: torch.Tensor
     keys = [tuple(p) for p in prompts]
     uniq = {key: j for j, key in enumerate(dict.fromkeys(keys))}
     with autocast(dtype, math_attention=True):
-        tree_attention = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")  # 4-D masks
+        tree_attention = (getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")  # 4-D masks
+                          and custom_masks_exact(model, max(map(len, prompts)) + k))
         if share_prompts and tree_attention and len(uniq) < len(prompts):
             heads = list(uniq)
             prompt_of, tree = _tree_rows(torch.tensor([uniq[key] for key in keys]), [len(p) for p in heads],

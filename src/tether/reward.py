@@ -17,10 +17,10 @@ import torch
 from pydantic import Field
 
 from . import runs
-from .data import IGNORE, Example, PairExample, collate, collate_pairs, prompt_ids
+from .data import IGNORE, Example, PairExample, collate, collate_pairs, longest_pair, prompt_ids
 from .losses.pairwise import bradley_terry_loss
-from .modeling import (autocast, hidden_at, load_tokenizer, packed_pair_hidden, packed_pair_last_hidden,
-                       packed_token_logps, padding_id, resolve_model_path)
+from .modeling import (autocast, custom_masks_exact, hidden_at, load_tokenizer, packed_pair_hidden,
+                       packed_pair_last_hidden, packed_token_logps, padding_id, resolve_model_path)
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
@@ -108,7 +108,7 @@ def pair_rewards(model, pairs: list[PairExample], pad_id: int, dtype: str = "fp3
     ``lm_nll``, also the mean NLL of the chosen completions under the tied embeddings (a third output)."""
     B = len(pairs)
     with autocast(dtype, math_attention=True):
-        if shared_prompt:
+        if shared_prompt and custom_masks_exact(model, longest_pair(pairs)):
             b = collate_pairs(pairs, pad_id)
             if not lm_nll:  # the head reads two positions per row: the last layer runs only there
                 r = _head(model)(packed_pair_last_hidden(model, b))[:, 0].float()
