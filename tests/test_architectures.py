@@ -6,7 +6,9 @@ could silently differ from the model's own forward:
   backbone and the head apart must give the model's own logits;
 - sliding-window attention (Mistral: every layer; Gemma 2: every other one): tether's 4-D masks
   (packed prefix trees, pair rows) reach the layers as they are, so sequences longer than the window
-  must run under the model's own masks."""
+  must run under the model's own masks;
+- ALiBi (BLOOM, MPT): the position bias comes from a 2-D mask, so no 4-D mask can be used at all
+  (BLOOM's forward raised on one, MPT's computed other log-probs)."""
 
 import json
 
@@ -19,8 +21,9 @@ from tether.modeling import _head_kind, head_logits, load_causal_lm
 
 
 def _build(kind: str, vocab: int, pad: int, eos: int):
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (BloomConfig, BloomForCausalLM, CohereConfig, CohereForCausalLM, Gemma2Config,
+                              Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, MistralConfig, MistralForCausalLM,
+                              MptConfig, MptForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, eos_token_id=eos, pad_token_id=pad,
@@ -35,17 +38,22 @@ def _build(kind: str, vocab: int, pad: int, eos: int):
         # windows of 6 positions: the arithmetic world's prompts alone are longer
         "gemma2-window": lambda: Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, sliding_window=6)),
         "mistral-window": lambda: MistralForCausalLM(MistralConfig(**common, sliding_window=6)),
+        "bloom": lambda: BloomForCausalLM(BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4,
+                                                      eos_token_id=eos, pad_token_id=pad, bos_token_id=None)),
+        "mpt": lambda: MptForCausalLM(MptConfig(vocab_size=vocab, d_model=64, n_heads=4, n_layers=2, expansion_ratio=2,
+                                                max_seq_len=128, eos_token_id=eos, pad_token_id=pad, bos_token_id=None)),
     }[kind]()
-    with torch.no_grad():  # logits of several units, where soft-capping and scaling change them a lot
-        for p in model.parameters():
-            p.mul_(8.0)
+    if kind not in ("bloom", "mpt"):
+        with torch.no_grad():  # logits of several units, where soft-capping and scaling change them a lot
+            for p in model.parameters():
+                p.mul_(8.0)
     return model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer):
     out = {}
-    for kind in ("gemma2", "granite", "cohere", "gemma2-window", "mistral-window"):
+    for kind in ("gemma2", "granite", "cohere", "gemma2-window", "mistral-window", "bloom", "mpt"):
         path = tmp_path_factory.mktemp(kind) / "model"
         _build(kind, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -83,10 +91,11 @@ def test_a_head_tether_cannot_reproduce_is_refused():
         _head_kind(model)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere", "gemma2-window", "mistral-window"])
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere", "gemma2-window", "mistral-window", "bloom", "mpt"])
 def test_trainer_and_sampler_agree(checkpoints, tmp_path, kind):
     """One fp32 GRPO update per rollout: the trainer's log-probs are the sampler's (they were 0.4 to
-    7 nats a token apart with the bare output embedding, 0.5 and 0.8 with the windows ignored)."""
+    7 nats a token apart with the bare output embedding, 0.5 and 0.8 with the windows ignored, 0.4 for
+    MPT under a 4-D mask; BLOOM raised)."""
     r = grpo.train(grpo.GRPOConfig(model=str(checkpoints[kind]), output_dir=str(tmp_path / "run"), max_steps=1,
                                    prompts_per_step=2, num_generations=4, max_new_tokens=6, eval_data="none",
                                    progress=False, report=False, dtype="fp32", mini_batches=1, beta=0.04))
@@ -103,7 +112,14 @@ def test_sliding_windows_are_found():
     assert sliding_window(gemma) == 6 and custom_masks_exact(gemma, 6) and not custom_masks_exact(gemma, 7)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma2-window", "mistral-window"])
+def test_models_that_ignore_4d_masks_are_found():
+    from tether.modeling import _masks_honoured
+
+    assert _masks_honoured(_build("qwen2", 96, 1, 0)) and _masks_honoured(_build("gemma2", 96, 1, 0))
+    assert not _masks_honoured(_build("bloom", 96, 1, 0)) and not _masks_honoured(_build("mpt", 96, 1, 0))
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma2-window", "mistral-window", "bloom", "mpt"])
 def test_dpo_log_probs_are_the_models_own(checkpoints, tokenizer, kind):
     """DPO's pair log-probs (shared-prompt rows, the head once per position) equal the sum of the
     model's own token log-probs of each completion."""

@@ -277,11 +277,8 @@ def token_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pair_mask(model, batch) -> torch.Tensor:
-    """The packed pair batch's (B, 1, T, T) attention: bool for SDPA, additive for eager & co."""
-    allowed = batch.allowed[:, None]
-    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
-        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return allowed
+    """The packed pair batch's (B, 1, T, T) attention (:func:`attention_mask_4d`)."""
+    return attention_mask_4d(model, batch.allowed[:, None])
 
 
 def packed_pair_hidden(model, batch) -> torch.Tensor:
@@ -352,13 +349,57 @@ def sliding_window(model) -> int | None:
     return int(window)
 
 
+def attention_mask_4d(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, T, T) mask of which positions each query may attend to, as ``model``'s attention takes
+    it: boolean for SDPA, additive (0 / float32 min) for eager and the others."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _masks_honoured(model) -> bool:
+    """Whether ``model`` computes a packed row under a 4-D mask and explicit position ids as it computes
+    the plain rows packed into it. Decided once per model on a small tree: [a b c1 … c8] and [a b e] in
+    one row, e at column 10 and position 2, seeing a, b and itself (shorter in a shorter window). ALiBi models (BLOOM, MPT, Falcon
+    with alibi) take their position bias from the 2-D mask or the column and fail or differ (by 8
+    columns' bias here), flash attention takes no 4-D mask."""
+    ok = getattr(model, "_tether_masks", None)
+    if ok is not None:
+        return ok
+    device = next(model.parameters()).device
+    n = min(11, max(4, sliding_window(model) or 11))  # within a window, which a 4-D mask would not apply
+    ids = (torch.arange(n, device=device) * 7 + 3)[None] % model.config.vocab_size
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    allowed[n - 1, 2:n - 1] = False  # e sees a, b and itself
+    pos = torch.tensor([[*range(n - 1), 2]], device=device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            base = model.base_model
+            plain = [base(input_ids=x, use_cache=False).last_hidden_state[0]
+                     for x in (ids[:, :n - 1], ids[:, [0, 1, n - 1]])]
+            want = torch.cat([plain[0], plain[1][2:]])
+            try:
+                mask = attention_mask_4d(model, allowed[None, None])
+                got = base(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state[0]
+                ok = torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1)))
+            except Exception:  # noqa: BLE001 - a model that cannot take the mask runs plain rows
+                ok = False
+    finally:
+        model.train(was)
+    model._tether_masks = ok
+    return ok
+
+
 def custom_masks_exact(model, longest: int) -> bool:
     """Whether tether's own 4-D masks (packed prefix trees, pair rows) give ``model`` the attention it
-    would compute itself on sequences of up to ``longest`` positions. transformers hands a 4-D mask to
-    every layer as it is, so a sliding window would not apply: exact while every sequence fits in it.
-    Where it does not, the callers run plain rows under the model's own masks."""
+    would compute itself on sequences of up to ``longest`` positions: the model must honour such masks
+    and position ids at all (:func:`_masks_honoured`), and as transformers hands a 4-D mask to every
+    layer as it is, a sliding window would not apply: exact while every sequence fits in it. Where not,
+    the callers run plain rows under the model's own masks."""
     window = sliding_window(model)
-    return window is None or longest <= window
+    return (window is None or longest <= window) and _masks_honoured(model)
 
 
 def _last_layer_at_supported(base) -> bool:

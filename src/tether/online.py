@@ -31,8 +31,8 @@ from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
-from .modeling import (autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer, padding_id,
-                       resolve_model_path)
+from .modeling import (attention_mask_4d, autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer,
+                       padding_id, resolve_model_path)
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -666,9 +666,7 @@ def _trie_states(model, uniq: list[tuple[int, ...]], group: torch.Tensor, comp: 
         flat = torch.cumsum(real.reshape(-1), 0) - 1  # a real (row, column)'s place among the real tokens
         hidden = out.index_select(0, flat[node_group * S + col])  # one state per node id
     else:  # the model's own forward (the default, and architectures the lean one does not cover)
-        if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-        out = model.base_model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
+        out = model.base_model(input_ids=ids, attention_mask=attention_mask_4d(model, mask[:, None]), position_ids=pos,
                                use_cache=False).last_hidden_state  # (U, S, H)
         hidden = out.reshape(U * S, -1).index_select(0, node_group * S + col)  # one state per node id
     # completion token t of row b is predicted by the node fed token t - 1 (t = 0: its prompt's root)
