@@ -136,3 +136,53 @@ def test_dpo_log_probs_are_the_models_own(checkpoints, tokenizer, kind):
             logp = model(input_ids=ids).logits[0, len(pair.prompt) - 1:-1].log_softmax(-1)
             want = logp.gather(-1, torch.tensor(completion)[:, None]).sum()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# Tiny random checkpoints of the causal-LM families people fine-tune, by model type: the sizes each
+# config names its own way, and the settings that exercise a path (windows, alibi, MoE routing).
+FAMILIES = {
+    "llama": {}, "mistral": dict(sliding_window=6), "qwen2": {}, "qwen3": dict(head_dim=16),
+    "qwen2_moe": dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=64),
+    "mixtral": dict(num_local_experts=2, num_experts_per_tok=1), "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=6, final_logit_softcapping=2.0), "gemma3_text": dict(head_dim=16),
+    "phi": {}, "phi3": {}, "gpt2": dict(n_embd=64, n_layer=2, n_head=4), "gptj": dict(n_embd=64, n_layer=2, n_head=4,
+                                                                                     rotary_dim=8),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=256), "gpt_neox": {},
+    "codegen": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "xglm": dict(d_model=64, ffn_dim=128, attention_heads=4), "bloom": dict(n_layer=2, n_head=4),
+    "mpt": dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2), "falcon": dict(new_decoder_architecture=False),
+    "falcon-alibi": dict(new_decoder_architecture=False, alibi=True), "stablelm": dict(num_key_value_heads=4),
+    "olmo": {}, "olmo2": {}, "starcoder2": {}, "granite": dict(logits_scaling=4.0, embedding_multiplier=3.0,
+                                                               residual_multiplier=0.5, attention_multiplier=0.1),
+    "granitemoe": dict(num_local_experts=2, num_experts_per_tok=1), "cohere": dict(logit_scale=0.25),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_samples_and_trains_the_same_log_probs(family, tokenizer):
+    """The rollout engine's log-probs (the model's own forward, or tether's fused decode) against the
+    trainer's (packed prefix trees, tether's fused tree forward, or plain rows, whichever applies)
+    on 2 prompts × 4 sampled completions, fp32: one function of the weights, to float noise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tether.online import completion_logps
+    from tether.rollout import SamplingParams, TorchEngine
+
+    kw = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    try:
+        cfg = AutoConfig.for_model(family.split("-")[0], **{**kw, **FAMILIES[family]})
+    except (KeyError, ValueError) as e:  # a family this transformers version no longer has
+        pytest.skip(f"{family}: {e}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("Question: What is 3 + 4?\nAnswer:", "Question: What is 12 * 11?\nAnswer:")]
+    roll = TorchEngine(model, tokenizer, seed=1).generate(prompts, SamplingParams(max_new_tokens=8, n=4))
+    for lean in (True, False):
+        lp, _ = completion_logps(model, roll.prompt_ids, roll.completion_ids, roll.mask, pad=tokenizer.pad_token_id,
+                                 lean=lean)
+        torch.testing.assert_close(lp, roll.logprobs, rtol=0, atol=1e-4)
