@@ -163,7 +163,8 @@ FAMILIES = {
 def test_every_family_samples_and_trains_the_same_log_probs(family, tokenizer):
     """The rollout engine's log-probs (the model's own forward, or tether's fused decode) against the
     trainer's (packed prefix trees, tether's fused tree forward, or plain rows, whichever applies)
-    on 2 prompts × 4 sampled completions, fp32: one function of the weights, to float noise."""
+    on 2 prompts × 4 sampled completions, and DPO's shared-prompt pair rows against plain rows, fp32:
+    one function of the weights, to float noise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tether.online import completion_logps
@@ -186,3 +187,12 @@ def test_every_family_samples_and_trains_the_same_log_probs(family, tokenizer):
         lp, _ = completion_logps(model, roll.prompt_ids, roll.completion_ids, roll.mask, pad=tokenizer.pad_token_id,
                                  lean=lean)
         torch.testing.assert_close(lp, roll.logprobs, rtol=0, atol=1e-4)
+    # DPO's shared-prompt pair rows against TRL's layout (a plain row per completion)
+    from tether.arith import ArithSpec, preference_rows
+    from tether.data import read_rows, tokenize_pairs
+    from tether.dpo import pair_logps
+
+    pairs, _ = tokenize_pairs(read_rows(preference_rows(ArithSpec(), 3, 0)), tokenizer, 128)
+    shared = pair_logps(model, pairs, tokenizer.pad_token_id, None, shared_prompt=True)[:2]
+    plain = pair_logps(model, pairs, tokenizer.pad_token_id, None, shared_prompt=False)[:2]
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-4)
