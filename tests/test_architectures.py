@@ -8,7 +8,9 @@ could silently differ from the model's own forward:
   (packed prefix trees, pair rows) reach the layers as they are, so sequences longer than the window
   must run under the model's own masks;
 - ALiBi (BLOOM, MPT): the position bias comes from a 2-D mask, so no 4-D mask can be used at all
-  (BLOOM's forward raised on one, MPT's computed other log-probs)."""
+  (BLOOM's forward raised on one, MPT's computed other log-probs);
+- SFT packing by restarting position ids, which BLOOM, MPT, OPT and XGLM ignore (their attention
+  crosses the packed examples): refused there."""
 
 import json
 
@@ -163,8 +165,9 @@ FAMILIES = {
 def test_every_family_samples_and_trains_the_same_log_probs(family, tokenizer):
     """The rollout engine's log-probs (the model's own forward, or tether's fused decode) against the
     trainer's (packed prefix trees, tether's fused tree forward, or plain rows, whichever applies)
-    on 2 prompts × 4 sampled completions, and DPO's shared-prompt pair rows against plain rows, fp32:
-    one function of the weights, to float noise."""
+    on 2 prompts × 4 sampled completions, DPO's shared-prompt pair rows against plain rows, and SFT's
+    packed rows against one row per example where the model keeps packed examples apart, fp32: one
+    function of the weights, to float noise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tether.online import completion_logps
@@ -196,3 +199,24 @@ def test_every_family_samples_and_trains_the_same_log_probs(family, tokenizer):
     shared = pair_logps(model, pairs, tokenizer.pad_token_id, None, shared_prompt=True)[:2]
     plain = pair_logps(model, pairs, tokenizer.pad_token_id, None, shared_prompt=False)[:2]
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-4)
+    # SFT's packing (position ids restarting per example) where the model keeps packed examples apart
+    from tether.data import collate, pack, tokenize_sft
+    from tether.modeling import packing_honoured, target_logits
+
+    if packing_honoured(model):
+        examples, _ = tokenize_sft(read_rows([{"prompt": f"What is {a} + {a}?", "completion": f" {2 * a}"}
+                                              for a in (3, 41, 7)]), tokenizer, 64)
+        packed, _ = target_logits(model, collate(pack(examples, 64), tokenizer.pad_token_id))
+        alone = torch.cat([target_logits(model, collate([e], tokenizer.pad_token_id))[0] for e in examples])
+        torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_packing_is_refused_where_position_ids_do_not_separate_examples(checkpoints, tmp_path):
+    """BLOOM's attention would cross packed examples (its logits moved by 0.6 when packed): SFT refuses
+    ``packing=true`` on it before training instead of learning from the mix."""
+    from tether import sft
+
+    with pytest.raises(ConfigError, match="packing=true"):
+        sft.train(sft.SFTConfig(model=str(checkpoints["bloom"]), output_dir=str(tmp_path / "sft"), packing=True,
+                                max_steps=1, batch_size=4, micro_batch_size=4, arith_rows=16, eval_data="none",
+                                progress=False, report=False))

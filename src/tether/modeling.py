@@ -357,39 +357,60 @@ def attention_mask_4d(model, allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _masks_honoured(model) -> bool:
-    """Whether ``model`` computes a packed row under a 4-D mask and explicit position ids as it computes
-    the plain rows packed into it. Decided once per model on a small tree: [a b c1 … c8] and [a b e] in
-    one row, e at column 10 and position 2, seeing a, b and itself (shorter in a shorter window). ALiBi models (BLOOM, MPT, Falcon
-    with alibi) take their position bias from the 2-D mask or the column and fail or differ (by 8
-    columns' bias here), flash attention takes no 4-D mask."""
-    ok = getattr(model, "_tether_masks", None)
-    if ok is not None:
-        return ok
-    device = next(model.parameters()).device
-    n = min(11, max(4, sliding_window(model) or 11))  # within a window, which a 4-D mask would not apply
-    ids = (torch.arange(n, device=device) * 7 + 3)[None] % model.config.vocab_size
-    allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    allowed[n - 1, 2:n - 1] = False  # e sees a, b and itself
-    pos = torch.tensor([[*range(n - 1), 2]], device=device)
+def _packed_like_plain(model, ids: torch.Tensor, rows: list[list[int]], **packed) -> bool:
+    """Whether ``model``'s backbone, run on the packed row ``ids`` (1, n) with the inputs ``packed``
+    (position ids, a mask), gives at the columns of each of ``rows`` the states of those tokens run
+    alone as one plain row. Float32, eval mode, no gradient; a forward that raises is a no."""
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
             base = model.base_model
-            plain = [base(input_ids=x, use_cache=False).last_hidden_state[0]
-                     for x in (ids[:, :n - 1], ids[:, [0, 1, n - 1]])]
-            want = torch.cat([plain[0], plain[1][2:]])
             try:
-                mask = attention_mask_4d(model, allowed[None, None])
-                got = base(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state[0]
-                ok = torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1)))
-            except Exception:  # noqa: BLE001 - a model that cannot take the mask runs plain rows
-                ok = False
+                got = base(input_ids=ids, use_cache=False, **packed).last_hidden_state[0]
+            except Exception:  # noqa: BLE001 - a model that cannot take these inputs is answered "no"
+                return False
+            for cols in rows:
+                want = base(input_ids=ids[:, cols], use_cache=False).last_hidden_state[0]
+                if not torch.allclose(got[cols], want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1))):
+                    return False
+            return True
     finally:
         model.train(was)
-    model._tether_masks = ok
-    return ok
+
+
+def _probe_ids(model, n: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return (torch.arange(n, device=device) * 7 + 3)[None] % model.config.vocab_size
+
+
+def _masks_honoured(model) -> bool:
+    """Whether ``model`` computes a packed row under a 4-D mask and explicit position ids as it computes
+    the plain rows packed into it. Decided once per model on a small tree: [a b c1 … c8] and [a b e] in
+    one row, e at column 10 and position 2, seeing a, b and itself (shorter in a shorter window). ALiBi
+    models (BLOOM, MPT, Falcon with alibi) take their position bias from the 2-D mask or the column and
+    fail or differ (by 8 columns' bias here), flash attention takes no 4-D mask."""
+    if getattr(model, "_tether_masks", None) is None:
+        n = min(11, max(4, sliding_window(model) or 11))  # within a window, which a 4-D mask would not apply
+        ids = _probe_ids(model, n)
+        allowed = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+        allowed[n - 1, 2:n - 1] = False  # e sees a, b and itself
+        pos = torch.tensor([[*range(n - 1), 2]], device=ids.device)
+        model._tether_masks = _packed_like_plain(model, ids, [list(range(n - 1)), [0, 1, n - 1]], position_ids=pos,
+                                                 attention_mask=attention_mask_4d(model, allowed[None, None]))
+    return model._tether_masks
+
+
+def packing_honoured(model) -> bool:
+    """Whether ``model`` keeps examples packed into one row apart by their restarting position ids alone
+    (what SFT's ``packing=true`` relies on: transformers derives the block-diagonal attention from them).
+    Decided once per model on two examples of 4 and 3 tokens. BLOOM, MPT, OPT and XGLM do not: their
+    attention would cross the examples."""
+    if getattr(model, "_tether_packing", None) is None:
+        ids = _probe_ids(model, 7)
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=ids.device)
+        model._tether_packing = _packed_like_plain(model, ids, [[0, 1, 2, 3], [4, 5, 6]], position_ids=pos)
+    return model._tether_packing
 
 
 def custom_masks_exact(model, longest: int) -> bool:

@@ -15,10 +15,12 @@ from pydantic import Field
 
 from . import runs
 from .arith import sft_rows
+from .config import ConfigError
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
 from .losses import completion_nll
-from .modeling import autocast, load_causal_lm, load_tokenizer, padding_id, resolve_model_path, target_logits
+from .modeling import (autocast, load_causal_lm, load_tokenizer, packing_honoured, padding_id, resolve_model_path,
+                       target_logits)
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     runs.train_mode(model, cfg)
+    if cfg.packing and not packing_honoured(model):
+        raise ConfigError(f"packing=true: {type(model).__name__} does not keep packed examples apart by their position "
+                          "ids (its attention would cross them); use packing=false")
     pad = padding_id(tokenizer)
     items, stats = load_examples(cfg, tokenizer, rows)
 
