@@ -186,6 +186,29 @@ def has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "clang++", "c++"))
 
 
+# Per-model checks: a few tokens through the model's own forward against tether's way of computing the
+# same thing, once per model (the answer is kept on it), so that no architecture trains on other numbers.
+@contextlib.contextmanager
+def _probing(model):
+    """How the checks run: eval mode (no dropout), no gradient, float32."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(next(model.parameters()).device.type, enabled=False):
+            yield
+    finally:
+        model.train(was)
+
+
+def _probe_ids(model, n: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return (torch.arange(n, device=device) * 7 + 3)[None] % model.config.vocab_size
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1)))
+
+
 class _GivenStates(torch.nn.Module):
     """Stands in for a causal LM's backbone and returns the final hidden states it is given."""
 
@@ -221,24 +244,17 @@ def _head_kind(model) -> str:
     kind = getattr(model, "_tether_head", None)
     if kind is not None:
         return kind
-    device = next(model.parameters()).device
-    ids = torch.arange(1, 6, device=device)[None] % model.config.vocab_size
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            want = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
-            close = dict(rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1)))
-            if torch.allclose(model.get_output_embeddings()(hidden).float(), want, **close):
-                kind = "plain"
-            elif torch.allclose(_logits_through_model(model, hidden).float(), want, **close):
-                kind = "model"
-            else:
-                raise ConfigError(f"{type(model).__name__}: its logits are not a function of the backbone's final "
-                                  "hidden states that tether can reproduce; this architecture is not supported")
-    finally:
-        model.train(was)
+    ids = _probe_ids(model, 5)
+    with _probing(model):
+        want = model(input_ids=ids, use_cache=False).logits[0].float()
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        if _close(model.get_output_embeddings()(hidden).float(), want):
+            kind = "plain"
+        elif _close(_logits_through_model(model, hidden).float(), want):
+            kind = "model"
+        else:
+            raise ConfigError(f"{type(model).__name__}: its logits are not a function of the backbone's final "
+                              "hidden states that tether can reproduce; this architecture is not supported")
     model._tether_head = kind
     return kind
 
@@ -360,28 +376,15 @@ def attention_mask_4d(model, allowed: torch.Tensor) -> torch.Tensor:
 def _packed_like_plain(model, ids: torch.Tensor, rows: list[list[int]], **packed) -> bool:
     """Whether ``model``'s backbone, run on the packed row ``ids`` (1, n) with the inputs ``packed``
     (position ids, a mask), gives at the columns of each of ``rows`` the states of those tokens run
-    alone as one plain row. Float32, eval mode, no gradient; a forward that raises is a no."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
-            base = model.base_model
-            try:
-                got = base(input_ids=ids, use_cache=False, **packed).last_hidden_state[0]
-            except Exception:  # noqa: BLE001 - a model that cannot take these inputs is answered "no"
-                return False
-            for cols in rows:
-                want = base(input_ids=ids[:, cols], use_cache=False).last_hidden_state[0]
-                if not torch.allclose(got[cols], want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1))):
-                    return False
-            return True
-    finally:
-        model.train(was)
-
-
-def _probe_ids(model, n: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return (torch.arange(n, device=device) * 7 + 3)[None] % model.config.vocab_size
+    alone as one plain row (:func:`_probing`); a forward that raises is a no."""
+    with _probing(model):
+        base = model.base_model
+        try:
+            got = base(input_ids=ids, use_cache=False, **packed).last_hidden_state[0]
+        except Exception:  # noqa: BLE001 - a model that cannot take these inputs is answered "no"
+            return False
+        return all(_close(got[cols], base(input_ids=ids[:, cols], use_cache=False).last_hidden_state[0])
+                   for cols in rows)
 
 
 def _masks_honoured(model) -> bool:
