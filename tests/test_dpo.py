@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tether import dpo
+from tether import runs as tether_runs
 from tether.arith import ArithSpec, corrupt, preference_rows, sample_problems
 from tether.data import DataError, DataStats, read_rows, tokenize_pairs
 
@@ -75,7 +76,8 @@ def test_a_separate_reference_model_is_loaded_once(tiny_model, tmp_path, monkeyp
     and the losses are live's."""
     loads = []
     real = dpo.load_causal_lm
-    monkeypatch.setattr(dpo, "load_causal_lm", lambda path: loads.append(path) or real(path))
+    for module in (dpo, tether_runs):  # the reference, the policy (runs.load_trainable)
+        monkeypatch.setattr(module, "load_causal_lm", lambda path: loads.append(path) or real(path))
     runs = {mode: dpo.train(_cfg(tiny_model, tmp_path, mode, reference=mode, ref_model=str(tiny_model)))
             for mode in ("cached", "live")}
     assert len(loads) == 4  # the policy and one reference, per run

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import lora
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
@@ -94,7 +96,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        model.save_pretrained(tmp, safe_serialization=True)
+        if lora.has_adapters(model):  # the adapter alone: the base model is the run's start
+            lora.save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import lora
 from .modeling import _last_layer_at_supported, _rotate_half
 
 
@@ -41,7 +42,7 @@ def _supported(model) -> bool:
     if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
         return False
     return isinstance(model.get_output_embeddings(), torch.nn.Linear) and all(
-        hasattr(layer.mlp, "gate_proj") for layer in base.layers)
+        hasattr(layer.mlp, "gate_proj") for layer in base.layers) and lora.mergeable(model)
 
 
 def _norm(norm) -> tuple[torch.Tensor, float]:
@@ -50,11 +51,13 @@ def _norm(norm) -> tuple[torch.Tensor, float]:
 
 def _cat_linear(mods: list[torch.nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (sum of outputs × in) weight and bias for several projections of the same input (with
-    gradient to each projection's own parameters where grad mode is on)."""
-    w = (torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight).to(dtype)
-    if all(m.bias is None for m in mods):
+    gradient to each projection's own parameters where grad mode is on; a LoRA adapter's W + s·B A,
+    :func:`tether.lora.linear_weight`)."""
+    wb = [lora.linear_weight(m) for m in mods]
+    w = (torch.cat([w for w, _ in wb]) if len(wb) > 1 else wb[0][0]).to(dtype)
+    if all(b is None for _, b in wb):
         return w, None
-    b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+    b = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in wb])
     return w, b.to(dtype)
 
 

@@ -15,20 +15,21 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from . import runs
+from . import lora, runs
 from .config import ConfigError
 from .data import PairExample, collate, collate_pairs, longest_pair
 from .evaluate import accuracy, load_eval_rows
 from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, sequence_logps
 from .modeling import (autocast, custom_masks_exact, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id,
                        resolve_model_path, token_logps)
+from .lora import LoraFields
 from .preference import PairsConfig, load_pairs
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
 
 
-class DPOConfig(PairsConfig):
+class DPOConfig(PairsConfig, LoraFields):
     """DPO from prompt/chosen/rejected pairs (plain text or chat messages)."""
 
     output_dir: str = Field("runs/dpo", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
@@ -124,7 +125,8 @@ class CachedReference:
                 self.model = self.load()
             for j in range(0, len(todo), self.cfg.micro_batch_size):
                 chunk = todo[j:j + self.cfg.micro_batch_size]
-                c, r, _, _ = pair_logps(self.model, [self.pairs[i] for i in chunk], self.pad_id, self.cfg.ld_alpha,
+                with lora.as_reference(self.model):
+                    c, r, _, _ = pair_logps(self.model, [self.pairs[i] for i in chunk], self.pad_id, self.cfg.ld_alpha,
                                         self.cfg.dtype, self.cfg.shared_prompt)
                 self.scores[chunk] = torch.stack([c, r], -1).float()
                 self.scored[chunk] = True
@@ -171,8 +173,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     ckpt, state = runs.resume_point(cfg, run_dir)
     start_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(ckpt or start_path)
-    model = load_causal_lm(ckpt or start_path)
-    runs.train_mode(model, cfg)
+    model = runs.load_trainable(cfg, ckpt, start_path)
     pad = padding_id(tokenizer)
 
     pairs, stats = load_pairs(cfg, tokenizer, rows)
@@ -189,6 +190,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     ref_path = resolve_model_path(cfg.ref_model) if cfg.ref_model else start_path
 
     def load_reference() -> torch.nn.Module:
+        if lora.has_adapters(model) and cfg.ref_model is None:
+            return model  # the start model is the policy with its adapters off (lora.as_reference)
         return load_causal_lm(ref_path).eval().requires_grad_(False)
 
     ref_model = ref_train = ref_eval = cached = scorer = None
@@ -200,14 +203,16 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
         ref_eval = state["ref_eval"]
     elif cfg.reference != "none":
         if cfg.ref_model is None and cfg.reference != "live":
-            if ckpt is not None:
+            if ckpt is not None and not lora.has_adapters(model):
                 raise ConfigError(f"resuming {run_dir} needs {cache}, which is missing")
             scorer = model
         else:
             scorer = load_reference()
-        ref_eval = reference_logps(scorer, eval_pairs, pad, cfg.ld_alpha)  # fp32, like the evaluation
+        with lora.as_reference(scorer):
+            ref_eval = reference_logps(scorer, eval_pairs, pad, cfg.ld_alpha)  # fp32, like the evaluation
+            if cfg.reference == "precompute":
+                ref_train = reference_logps(scorer, pairs, pad, cfg.ld_alpha, cfg.dtype)
         if cfg.reference == "precompute":
-            ref_train = reference_logps(scorer, pairs, pad, cfg.ld_alpha, cfg.dtype)
             torch.save({"train": ref_train, "eval": ref_eval}, cache)
         elif cfg.reference == "live":
             ref_model = scorer
@@ -225,7 +230,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
             return cached(idx)
         if ref_model is None:
             return torch.zeros(len(idx), 2)
-        with torch.no_grad():
+        with torch.no_grad(), lora.as_reference(ref_model):
             c, r, _, _ = pair_logps(ref_model, [pairs[i] for i in idx], pad, cfg.ld_alpha, cfg.dtype,
                                     cfg.shared_prompt)
         return torch.stack([c, r], -1)

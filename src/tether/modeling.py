@@ -18,13 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def resolve_model_path(model: str) -> Path:
     """``"embedded"`` is the arithmetic model shipped with tether; anything else must be a local
-    transformers checkpoint folder."""
+    transformers checkpoint folder, or a LoRA adapter folder (:func:`load_causal_lm`)."""
     if model == "embedded":
         from .embedded import ensure_embedded
 
         return ensure_embedded()
     path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"model {model!r}: not a local transformers checkpoint (no config.json there); "
             "use model=embedded for the built-in arithmetic model")
@@ -47,14 +47,27 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer saved in ``path``; for a LoRA adapter folder without one, its base model's."""
     from transformers import AutoTokenizer
 
+    from . import lora
+
+    if lora.is_adapter_folder(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        return load_tokenizer(lora.adapter_base(path))
     return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_causal_lm(path: str | Path):
+    """A causal LM in float32 from a transformers folder, or from a LoRA adapter folder (a LoRA run's
+    checkpoint, ``final/adapter``) as its base model with the adapter merged in."""
     from transformers import AutoModelForCausalLM
 
+    from . import lora
+
+    if lora.is_adapter_folder(path):
+        model = lora.merged_copy(lora.load_adapter(load_causal_lm(lora.adapter_base(path)), path))
+        model.name_or_path = str(path)  # the base of an adapter trained on top of this one
+        return model
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 

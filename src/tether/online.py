@@ -25,11 +25,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from . import runs
+from . import lora, runs
 from .arith import ArithSpec, problem_space
+from .config import ConfigError
 from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
+from .lora import LoraFields
 from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
 from .modeling import (attention_mask_4d, autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer,
                        padding_id, resolve_model_path)
@@ -40,7 +42,7 @@ from .runlog import RunLogger, read_metrics
 log = logging.getLogger(__name__)
 
 
-class OnlineConfig(runs.RunConfig):
+class OnlineConfig(runs.RunConfig, LoraFields):
     """Fields of every online RL trainer. One step = one rollout batch and its updates."""
 
     data: str = Field("arith", description="'arith' (the arithmetic world's training problems) or a file/folder of rows with 'prompt' (other fields reach the reward as metadata)")
@@ -118,12 +120,15 @@ class Session:
         self.base_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(path)
         self.pad = padding_id(self.tokenizer)
-        self.policy = runs.train_mode(load_causal_lm(path), cfg)
+        self.policy = runs.load_trainable(cfg, self.ckpt, self.base_path)
         self.ref = None
         if cfg.beta > 0 or cfg.kl_target is not None:  # the reference is the starting model, always
-            self.ref = load_causal_lm(self.base_path).eval().requires_grad_(False)
+            # with LoRA, the policy itself with its adapters off (lora.as_reference): no second copy
+            self.ref = self.policy if cfg.lora_rank else load_causal_lm(self.base_path).eval().requires_grad_(False)
         self.engine: RolloutEngine
         if cfg.engine == "vllm":  # starts from the weights the policy loaded (a checkpoint when resuming)
+            if cfg.lora_rank:
+                raise ConfigError("engine=vllm with lora_rank > 0 is not supported yet: use engine=torch")
             from .vllm_engine import VLLMEngine
 
             self.engine = VLLMEngine(str(path), self.tokenizer, cfg.dtype, cfg.seed, cfg.vllm_gpu_memory_utilization)
@@ -255,7 +260,7 @@ class Session:
         if self.ref is not None:
             t = time.perf_counter()
             ref = torch.zeros_like(mask)
-            with torch.no_grad():
+            with torch.no_grad(), lora.as_reference(self.ref):
                 for mb in self._chunks(rows, roll):
                     ref[mb] = self.logps(self.ref, roll, mb, with_entropy=False)[0]
             self.timings["time/reference"] = time.perf_counter() - t

@@ -21,7 +21,8 @@ from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_s
 from .arith import ArithSpec
 from .config import Config, ConfigError
 from .data import EpochSampler
-from .modeling import compile_blocks, default_dtype, disable_dropout
+from . import lora
+from .modeling import compile_blocks, default_dtype, disable_dropout, load_causal_lm
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,18 @@ class OfflineConfig(TrainConfig):
     def arith_eval(self, rows: Any = None) -> bool:
         """Whether to evaluate on the arithmetic world's held-out split."""
         return self.eval_data == "arith" or (self.eval_data == "auto" and self.data == "arith" and rows is None)
+
+
+def load_trainable(cfg: RunConfig, ckpt: Path | None, start_path: str | Path) -> torch.nn.Module:
+    """The causal LM a trainer trains, in training mode (:func:`train_mode`): the checkpoint's weights
+    when resuming, else the start model's; with ``lora_rank`` the start model with adapters, fresh or
+    the checkpoint's (which holds the adapter only)."""
+    if getattr(cfg, "lora_rank", 0):
+        base = load_causal_lm(start_path)
+        model = lora.load_adapter(base, ckpt) if ckpt is not None else lora.apply(base, cfg)
+    else:
+        model = load_causal_lm(ckpt or start_path)
+    return train_mode(model, cfg)
 
 
 def train_mode(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
@@ -229,10 +242,15 @@ def save(cfg: RunConfig, run_dir: Path, step: int, model, tokenizer, optimizer, 
 
 
 def save_final(run_dir: Path, model, tokenizer) -> Path:
-    """The final model as a plain HF folder ``<run>/final``, written beside and renamed into place."""
+    """The final model as a plain HF folder ``<run>/final``, written beside and renamed into place;
+    a LoRA model merged, its adapter alone in ``final/adapter``."""
     final, tmp = run_dir / "final", run_dir / f".final.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if lora.has_adapters(model):
+        lora.merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+        lora.save_adapter(model, tmp / "adapter")
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

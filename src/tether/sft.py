@@ -18,15 +18,16 @@ from .arith import sft_rows
 from .config import ConfigError
 from .data import DataStats, TokenBatch, collate, pack, read_rows, tokenize_sft
 from .evaluate import accuracy, load_eval_rows
+from .lora import LoraFields
 from .losses import completion_nll
-from .modeling import (autocast, load_causal_lm, load_tokenizer, packing_honoured, padding_id, resolve_model_path,
+from .modeling import (autocast, load_tokenizer, packing_honoured, padding_id, resolve_model_path,
                        target_logits)
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
 
 
-class SFTConfig(runs.OfflineConfig):
+class SFTConfig(runs.OfflineConfig, LoraFields):
     """Supervised fine-tuning. Data rows: prompt/completion, chat messages, or text (see tether.data)."""
 
     output_dir: str = Field("runs/sft", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
@@ -79,8 +80,7 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     ckpt, state = runs.resume_point(cfg, run_dir)
     model_path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
-    runs.train_mode(model, cfg)
+    model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model))
     if cfg.packing and not packing_honoured(model):
         raise ConfigError(f"packing=true: {type(model).__name__} does not keep packed examples apart by their position "
                           "ids (its attention would cross them); use packing=false")

@@ -1,0 +1,166 @@
+"""LoRA (``lora_rank > 0``, :mod:`tether.lora`): only the adapters train, the reference is the model
+with its adapters off, the fused paths apply the adapters, checkpoints hold the adapter and resume
+exactly, and ``final/`` is the merged model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tether import dpo, grpo, lora, ppo, sft
+from tether.config import ConfigError
+from tether.decoding import lean_decoder, tree_states
+from tether.modeling import load_causal_lm
+from tether.online import completion_logps
+from tether.rollout import SamplingParams, TorchEngine
+
+
+class Cfg(lora.LoraFields):
+    disable_dropout: bool = True
+
+
+def adapted(path, rank=4, **kw):
+    """A model with adapters whose B is random (B = 0 at injection would hide a missing update)."""
+    model = lora.apply(load_causal_lm(path), Cfg(lora_rank=rank, **kw))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_only_adapters_train_and_start_from_the_model(tiny_model):
+    base = load_causal_lm(tiny_model)
+    model = lora.apply(load_causal_lm(tiny_model), Cfg(lora_rank=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert type(model) is type(base) and lora.has_adapters(model) and not lora.has_adapters(base)
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():  # B = 0: the adapted model is the model
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_reference_is_the_model_with_adapters_off(tiny_model):
+    base, model = load_causal_lm(tiny_model), adapted(tiny_model)
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        on = model(ids).logits
+        assert (on - base(ids).logits).abs().max() > 1e-2  # the adapters change the function
+        with lora.as_reference(model) as ref:
+            assert torch.allclose(ref(ids).logits, base(ids).logits, atol=1e-6)
+        assert torch.equal(model(ids).logits, on)  # back on afterwards
+    model.train()
+    with lora.as_reference(model):
+        assert not model.training
+    assert model.training
+
+
+def test_fused_paths_apply_the_adapters(tiny_model, tokenizer):
+    """The lean decode step and the packed-tree training forward read the effective weight W + s·B A:
+    the sampler's log-probs equal the model's own forward, adapters on and off."""
+    model = adapted(tiny_model).eval()
+    assert lean_decoder(model, "fp32") is not None
+    prompts = [tokenizer("1+2=", add_special_tokens=False)["input_ids"], [5, 6, 7]]
+    roll = TorchEngine(model, tokenizer, "fp32", seed=0).generate(prompts, SamplingParams(6, 1.0, n=3))
+    rows = [p for p in prompts for _ in range(3)]
+    for lean in (True, False):
+        with torch.no_grad():
+            lp = completion_logps(model, rows, roll.completion_ids, roll.mask, 1.0, "fp32", 0, lean=lean)[0]
+        assert torch.allclose(lp, roll.logprobs, atol=1e-4), (lean, (lp - roll.logprobs).abs().max())
+    # and the reference through the fused forward is the base model's
+    base = load_causal_lm(tiny_model)
+    with torch.no_grad(), lora.as_reference(model):
+        ref = completion_logps(model, rows, roll.completion_ids, roll.mask, 1.0, "fp32", 0, lean=True)[0]
+    plain = completion_logps(base, rows, roll.completion_ids, roll.mask, 1.0, "fp32", 0, lean=True)[0]
+    assert torch.allclose(ref, plain, atol=1e-5)
+    assert (ref - lp).abs().max() > 1e-3
+
+
+def test_training_forward_gradient_reaches_only_the_adapters(tiny_model):
+    model = adapted(tiny_model).train()
+    ids = torch.randint(3, 200, (1, 7))
+    real = torch.ones(1, 7, dtype=torch.bool)
+    allowed = torch.ones(1, 7, 7, dtype=torch.bool).tril()
+    h = tree_states(model, ids, torch.arange(7)[None], allowed, real, "fp32")
+    assert h is not None
+    h.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)
+    assert any(".lora_A." in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_not_mergeable_adapters_take_the_models_forward(tiny_model):
+    model = adapted(tiny_model, lora_dropout=0.1, disable_dropout=False).train()
+    assert not lora.mergeable(model) and lean_decoder(model, "fp32") is None
+    assert lora.mergeable(model.eval())  # dropout is off in eval mode
+
+
+def test_lora_dropout_needs_dropout_on():
+    with pytest.raises(ValueError, match="disable_dropout"):
+        Cfg(lora_rank=4, lora_dropout=0.1)
+
+
+def test_bad_target_modules_are_a_config_error(tiny_model):
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        lora.apply(load_causal_lm(tiny_model), Cfg(lora_rank=4, lora_target_modules=["no_such_proj"]))
+
+
+def test_sft_lora_checkpoints_resume_and_final(tiny_model, tmp_path):
+    common = dict(model=str(tiny_model), lora_rank=4, lr=1e-2, max_steps=6, batch_size=8, micro_batch_size=8,
+                  arith_rows=64, eval_data="none", progress=False, report=False, dtype="fp32")
+    straight = sft.train(sft.SFTConfig(output_dir=str(tmp_path / "a"), **common))
+    sft.train(sft.SFTConfig(output_dir=str(tmp_path / "b"), stop_at_step=3, **common))
+    resumed = sft.train(sft.SFTConfig(output_dir=str(tmp_path / "b"), resume=True, **common))
+    ckpt = sorted((tmp_path / "b" / "checkpoints").iterdir())[-1]
+    assert (ckpt / lora.ADAPTER_WEIGHTS).is_file() and not (ckpt / "model.safetensors").exists()  # adapter only
+    a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume is exact
+    assert not any("lora" in k or "base_layer" in k for k in a)  # final/ is a plain model
+    base = load_causal_lm(tiny_model).state_dict()
+    changed = [k for k in a if not torch.equal(a[k], base[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only the adapted matrices moved
+    # the adapter folder and the checkpoint load as the same merged model
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        final = load_causal_lm(straight.final_dir)(ids).logits
+        from_adapter = load_causal_lm(straight.final_dir / "adapter")(ids).logits
+        from_ckpt = load_causal_lm(sorted((tmp_path / "a" / "checkpoints").iterdir())[-1])(ids).logits
+    assert torch.allclose(final, from_adapter, atol=1e-5) and torch.allclose(final, from_ckpt, atol=1e-5)
+    config = json.loads((straight.final_dir / "adapter" / lora.ADAPTER_CONFIG).read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+
+
+def test_grpo_lora_reference_without_a_second_model(sft_model, tmp_path):
+    # the SFT model: mixed rewards within groups, so the policy moves
+    cfg = grpo.GRPOConfig(model=str(sft_model), output_dir=str(tmp_path / "g"), lora_rank=4, beta=0.1, max_steps=3,
+                          prompts_per_step=8, num_generations=4, max_new_tokens=16, mini_batches=1, eval_data="none",
+                          progress=False, report=False, lr=1e-2, ema_decay=0.0, dtype="fp32")
+    from tether.online import Session
+
+    s = Session(cfg, "grpo")
+    assert s.ref is s.policy  # no second copy
+    r = grpo.train(cfg.model_copy(update={"overwrite": True}))
+    recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert recs[-1]["kl"] > 1e-4  # then it moves away from it
+    assert all(m["logp_gap"] < 1e-5 for m in recs)  # the sampler samples the adapted policy
+
+
+def test_ppo_and_dpo_run_with_lora(tiny_model, tmp_path):
+    r = ppo.train(ppo.PPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "p"), lora_rank=4, max_steps=2,
+                                prompts_per_step=2, num_generations=4, max_new_tokens=6, eval_data="none",
+                                progress=False, report=False, dtype="fp32"))
+    assert (r.final_dir / "adapter" / lora.ADAPTER_WEIGHTS).is_file()
+    d = dpo.train(dpo.DPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "d"), lora_rank=4, max_steps=2,
+                                batch_size=4, micro_batch_size=4, arith_pairs=16, eval_data="none", progress=False,
+                                report=False, dtype="fp32"))
+    first = json.loads((d.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # π = π_ref at the start: log 2
+
+
+def test_vllm_engine_refuses_lora(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="vllm"):
+        grpo.train(grpo.GRPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "v"), lora_rank=4, engine="vllm",
+                                   eval_data="none", progress=False, report=False))
