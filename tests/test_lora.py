@@ -164,3 +164,28 @@ def test_vllm_engine_refuses_lora(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="vllm"):
         grpo.train(grpo.GRPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "v"), lora_rank=4, engine="vllm",
                                    eval_data="none", progress=False, report=False))
+
+
+def test_reward_model_lora_trains_its_head_whole_and_resumes(tiny_model, tmp_path):
+    from tether import reward
+
+    common = dict(model=str(tiny_model), lora_rank=4, lr=1e-2, max_steps=4, batch_size=4, micro_batch_size=4,
+                  arith_pairs=32, eval_data="none", progress=False, report=False, dtype="fp32")
+    straight = reward.train(reward.RewardConfig(output_dir=str(tmp_path / "a"), **common))
+    reward.train(reward.RewardConfig(output_dir=str(tmp_path / "b"), stop_at_step=2, **common))
+    resumed = reward.train(reward.RewardConfig(output_dir=str(tmp_path / "b"), resume=True, **common))
+    a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("lora" in k or "modules_to_save" in k or "original_module" in k for k in a)  # a plain model
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        final = reward.load_reward_model(straight.final_dir)
+        from_adapter = reward.load_reward_model(straight.final_dir / "adapter")
+        assert torch.allclose(final(ids).logits, from_adapter(ids).logits, atol=1e-5)
+    # the new head trains whole (peft's modules_to_save), the backbone through its adapters only
+    from tether import runs
+
+    model = runs.load_trainable(reward.RewardConfig(**common), None, tiny_model, reward.load_reward_model, ("score",))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "score.modules_to_save.default.weight" in trainable
+    assert all(".lora_" in n or n.startswith("score.modules_to_save") for n in trainable)

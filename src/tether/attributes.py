@@ -22,6 +22,7 @@ from . import runs
 from .arith import ATTRIBUTES, rating_rows
 from .data import DataError, Example, collate, prompt_ids, read_rows
 from .evaluate import rank_accuracy
+from .lora import LoraFields
 from .losses.rating import attribute_mse, weighted_score
 from .modeling import autocast, load_tokenizer, padding_id, resolve_model_path
 from .reward import last_token_scores, load_reward_model
@@ -30,7 +31,7 @@ from .runlog import read_metrics
 RATING_TEMPLATE = "{prompt}{completion}\nRatings:"
 
 
-class AttributeConfig(runs.OfflineConfig):
+class AttributeConfig(runs.OfflineConfig, LoraFields):
     """Multi-attribute reward model from {prompt, completion, ratings: {attribute: score}} rows."""
 
     output_dir: str = Field("runs/attributes", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
@@ -163,9 +164,9 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
     ckpt, state = runs.resume_point(cfg, run_dir)
     path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
-    model = load_reward_model(path, num_labels=len(cfg.attributes))
+    model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model),
+                                lambda p: load_reward_model(p, num_labels=len(cfg.attributes)), train_whole=("score",))
     model.config.pad_token_id = padding_id(tokenizer)
-    runs.train_mode(model, cfg)
     pad = padding_id(tokenizer)
     examples = [_example(tokenizer, r["prompt"], r["completion"]) for r in train_rows]
     targets = torch.tensor([[float(r["ratings"][a]) for a in cfg.attributes] for r in train_rows])

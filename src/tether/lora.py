@@ -22,7 +22,7 @@ import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from pydantic import Field, model_validator
@@ -35,7 +35,7 @@ _PEFT_PREFIX = "base_model.model."  # how peft's own PeftModel names the weights
 
 
 class LoraFields(Config):
-    """The LoRA fields of the trainers that train a causal LM (SFT, DPO, GRPO, PPO, REINFORCE)."""
+    """The LoRA fields of the trainers (SFT, DPO, GRPO, PPO, REINFORCE, reward and attribute models)."""
 
     lora_rank: int = Field(0, ge=0, description="LoRA rank r (0: train every weight); the base weights stay frozen and the reference is the model with its adapters off")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is (lora_alpha / lora_rank) B A")
@@ -50,15 +50,17 @@ class LoraFields(Config):
         return self
 
 
-def apply(model: torch.nn.Module, cfg: LoraFields) -> torch.nn.Module:
+def apply(model: torch.nn.Module, cfg: LoraFields, train_whole: tuple[str, ...] = ()) -> torch.nn.Module:
     """Inject fresh adapters into ``model`` as ``cfg`` asks (nothing when ``lora_rank`` is 0); only
-    the adapters train."""
+    the adapters train, and the modules named in ``train_whole`` (a reward model's new head: peft's
+    ``modules_to_save``, a trained copy saved with the adapter)."""
     if not cfg.lora_rank:
         return model
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=cfg.lora_target_modules, bias="none")
+                        target_modules=cfg.lora_target_modules, bias="none",
+                        modules_to_save=list(train_whole) or None)
     try:
         model = inject_adapter_in_model(config, model)
     except ValueError as e:  # target modules not found in the model
@@ -69,7 +71,7 @@ def apply(model: torch.nn.Module, cfg: LoraFields) -> torch.nn.Module:
 
 def _train_adapters_only(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name)
+        p.requires_grad_(".lora_" in name or ".modules_to_save." in name)
 
 
 def has_adapters(model: torch.nn.Module) -> bool:
@@ -136,16 +138,23 @@ def linear_weight(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with its adapters merged into the base weights and removed: a plain
-    transformers model of the same class. ``model`` itself is untouched."""
+    """A copy of ``model`` with its adapters merged into the base weights and removed (and the
+    trained copies of whole modules in place of the originals): a plain transformers model of the
+    same class. ``model`` itself is untouched."""
+    from peft.utils import ModulesToSaveWrapper
+
     out = copy.deepcopy(model)
-    for name, m in list(_lora_layers(out)):
-        base = m.get_base_layer()
-        with torch.no_grad():
-            w, _ = linear_weight(m)
-            base.weight.copy_(w)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, ModulesToSaveWrapper):
+            plain = m.original_module if m.disable_adapters else m.modules_to_save["default"]
+        elif hasattr(m, "lora_A") and hasattr(m, "get_base_layer"):
+            plain = m.get_base_layer()
+            with torch.no_grad():
+                plain.weight.copy_(linear_weight(m)[0])
+        else:
+            continue
         parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, base)
+        setattr(out.get_submodule(parent) if parent else out, child, plain)
     del out.peft_config
     out.requires_grad_(True)
     return out
@@ -187,8 +196,16 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
     model = inject_adapter_in_model(LoraConfig.from_pretrained(str(folder)), model)
     state = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(str(Path(folder) / ADAPTER_WEIGHTS)).items()}
     result = set_peft_model_state_dict(model, state)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
+    missing = [k for k in result.missing_keys if ".lora_" in k or ".modules_to_save." in k]
     if missing:
         raise ConfigError(f"the adapter in {folder} lacks {len(missing)} of the model's adapter weights, e.g. {missing[0]}")
     _train_adapters_only(model)
+    return model
+
+
+def load_merged(folder: str | Path, load_base: Callable[[str], torch.nn.Module]) -> torch.nn.Module:
+    """The model an adapter folder stands for: its base (loaded by ``load_base``) with the adapter
+    merged in, named after the folder (so that an adapter trained on it names this one as its base)."""
+    model = merged_copy(load_adapter(load_base(adapter_base(folder)), folder))
+    model.name_or_path = str(folder)
     return model

@@ -65,9 +65,7 @@ def load_causal_lm(path: str | Path):
     from . import lora
 
     if lora.is_adapter_folder(path):
-        model = lora.merged_copy(lora.load_adapter(load_causal_lm(lora.adapter_base(path)), path))
-        model.name_or_path = str(path)  # the base of an adapter trained on top of this one
-        return model
+        return lora.load_merged(path, load_causal_lm)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from . import runs
+from . import lora, runs
 from .data import IGNORE, Example, PairExample, collate, collate_pairs, longest_pair, prompt_ids
+from .lora import LoraFields
 from .losses.pairwise import bradley_terry_loss
 from .modeling import (autocast, custom_masks_exact, hidden_at, load_tokenizer, packed_pair_hidden,
                        packed_pair_last_hidden, packed_token_logps, padding_id, resolve_model_path)
@@ -27,7 +28,7 @@ from .runlog import read_metrics
 log = logging.getLogger(__name__)
 
 
-class RewardConfig(PairsConfig):
+class RewardConfig(PairsConfig, LoraFields):
     """A Bradley-Terry reward model from prompt/chosen/rejected pairs (optional 'margin' column)."""
 
     output_dir: str = Field("runs/reward", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
@@ -45,6 +46,8 @@ def load_reward_model(path: str | Path, num_labels: int = 1):
     """A sequence-classification model; from a causal-LM checkpoint the head is new (seeded)."""
     from transformers import AutoModelForSequenceClassification
 
+    if lora.is_adapter_folder(path):  # a LoRA run's checkpoint or final/adapter: the merged model
+        return lora.load_merged(path, lambda base: load_reward_model(base, num_labels))
     return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, dtype=torch.float32)
 
 
@@ -156,9 +159,9 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     ckpt, state = runs.resume_point(cfg, run_dir)
     path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
-    model = load_reward_model(path)  # the head is initialised after setup_torch's seed: reproducible
+    # the head is initialised after setup_torch's seed: reproducible; with LoRA it trains whole
+    model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model), load_reward_model, train_whole=("score",))
     model.config.pad_token_id = pad = padding_id(tokenizer)
-    runs.train_mode(model, cfg)
 
     if cfg.lm_coef and not getattr(model.config, "tie_word_embeddings", False):
         raise ValueError("lm_coef needs a model whose LM head is tied to its input embeddings "

@@ -20,8 +20,8 @@ from pydantic import Field, field_validator, model_validator
 from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_state, restore_rng, save_checkpoint
 from .arith import ArithSpec
 from .config import Config, ConfigError
-from .data import EpochSampler
 from . import lora
+from .data import EpochSampler
 from .modeling import compile_blocks, default_dtype, disable_dropout, load_causal_lm
 from .runlog import RunLogger, truncate_metrics
 
@@ -96,15 +96,18 @@ class OfflineConfig(TrainConfig):
         return self.eval_data == "arith" or (self.eval_data == "auto" and self.data == "arith" and rows is None)
 
 
-def load_trainable(cfg: RunConfig, ckpt: Path | None, start_path: str | Path) -> torch.nn.Module:
-    """The causal LM a trainer trains, in training mode (:func:`train_mode`): the checkpoint's weights
-    when resuming, else the start model's; with ``lora_rank`` the start model with adapters, fresh or
-    the checkpoint's (which holds the adapter only)."""
+def load_trainable(cfg: RunConfig, ckpt: Path | None, start_path: str | Path,
+                   load: Callable[[str | Path], torch.nn.Module] = load_causal_lm,
+                   train_whole: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The model a trainer trains (``load`` reads a folder: a causal LM unless told otherwise), in
+    training mode (:func:`train_mode`): the checkpoint's weights when resuming, else the start
+    model's; with ``lora_rank`` the start model with adapters, fresh or the checkpoint's (which holds
+    the adapter and the ``train_whole`` modules only)."""
     if getattr(cfg, "lora_rank", 0):
-        base = load_causal_lm(start_path)
-        model = lora.load_adapter(base, ckpt) if ckpt is not None else lora.apply(base, cfg)
+        base = load(start_path)
+        model = lora.load_adapter(base, ckpt) if ckpt is not None else lora.apply(base, cfg, train_whole)
     else:
-        model = load_causal_lm(ckpt or start_path)
+        model = load(ckpt or start_path)
     return train_mode(model, cfg)
 
 
