@@ -160,10 +160,15 @@ def test_ppo_and_dpo_run_with_lora(tiny_model, tmp_path):
     assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # π = π_ref at the start: log 2
 
 
-def test_vllm_engine_refuses_lora(tiny_model, tmp_path):
-    with pytest.raises(ConfigError, match="vllm"):
-        grpo.train(grpo.GRPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "v"), lora_rank=4, engine="vllm",
-                                   eval_data="none", progress=False, report=False))
+def test_plain_parameters_are_the_merged_models(tiny_model):
+    """What a vLLM engine loads at each sync: the merged model's parameters by their plain names."""
+    model = adapted(tiny_model)
+    plain = dict(lora.plain_parameters(model))
+    merged = dict(lora.merged_copy(model).named_parameters())
+    assert plain.keys() == merged.keys()
+    assert all(torch.allclose(plain[k], merged[k], atol=1e-6) for k in plain)
+    assert not torch.allclose(plain["model.layers.0.mlp.up_proj.weight"],
+                              dict(load_causal_lm(tiny_model).named_parameters())["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_reward_model_lora_trains_its_head_whole_and_resumes(tiny_model, tmp_path):

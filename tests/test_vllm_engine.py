@@ -156,6 +156,21 @@ def test_grpo_samples_from_vllm_with_the_policys_weights(tiny_model, tmp_path, s
     assert not torch.equal(moved, load_causal_lm(tiny_model).model.layers[0].mlp.up_proj.weight)
 
 
+def test_grpo_with_lora_samples_from_vllm_with_the_merged_policy(tiny_model, tmp_path, stand_in, monkeypatch):
+    """lora_rank with engine=vllm: vLLM holds the merged model, loaded from the base and synced with the
+    policy's merged weights (lora.plain_parameters) after each update; resuming syncs the checkpoint's."""
+    from tether import rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "by_length", lambda p, completions, m: [len(c) % 5 for c in completions])
+    cfg = dict(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=4, prompts_per_step=2,
+               num_generations=4, max_new_tokens=6, eval_data="none", progress=False, report=False, lr=1e-2,
+               ema_decay=0.0, engine="vllm", reward="by_length", mini_batches=1, dtype="fp32", lora_rank=4)
+    grpo.train(grpo.GRPOConfig(**cfg, stop_at_step=2))
+    r = grpo.train(grpo.GRPOConfig(**cfg, resume=True))
+    recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(recs) == 4 and all(m["logp_gap"] < 1e-4 for m in recs), [m["logp_gap"] for m in recs]
+
+
 def test_without_vllm_engine_vllm_is_a_clear_error(tiny_model, tmp_path):
     import importlib.util
 

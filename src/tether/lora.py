@@ -160,6 +160,21 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
+def plain_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model``'s parameters (detached) under the names of the plain model, adapters merged in: what
+    :func:`merged_copy` holds, without copying the model (what a vLLM engine loads at each sync)."""
+    out = []
+    for name, p in model.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            owner, _, leaf = name.rpartition(".base_layer.")
+            p = linear_weight(model.get_submodule(owner))[0] if leaf == "weight" else p
+            name = f"{owner}.{leaf}"
+        out.append((name.replace(".modules_to_save.default.", "."), p.detach()))
+    return out
+
+
 def save_adapter(model: torch.nn.Module, folder: str | Path) -> None:
     """Write ``model``'s adapter to ``folder`` in peft's format (loadable by
     ``peft.PeftModel.from_pretrained(base, folder)``), naming the folder the base model was loaded

@@ -27,7 +27,6 @@ from pydantic import Field
 
 from . import lora, runs
 from .arith import ArithSpec, problem_space
-from .config import ConfigError
 from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
@@ -127,11 +126,13 @@ class Session:
             self.ref = self.policy if cfg.lora_rank else load_causal_lm(self.base_path).eval().requires_grad_(False)
         self.engine: RolloutEngine
         if cfg.engine == "vllm":  # starts from the weights the policy loaded (a checkpoint when resuming)
-            if cfg.lora_rank:
-                raise ConfigError("engine=vllm with lora_rank > 0 is not supported yet: use engine=torch")
             from .vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(str(path), self.tokenizer, cfg.dtype, cfg.seed, cfg.vllm_gpu_memory_utilization)
+            # with LoRA, vLLM holds the merged model: it loads the base, then the policy's merged weights
+            self.engine = VLLMEngine(str(self.base_path if cfg.lora_rank else path), self.tokenizer, cfg.dtype,
+                                     cfg.seed, cfg.vllm_gpu_memory_utilization)
+            if cfg.lora_rank:
+                self.engine.sync_weights(self.policy)
         else:
             self.engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype, seed=cfg.seed)
         self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations)

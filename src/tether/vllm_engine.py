@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import lora
 from .config import ConfigError
 from .modeling import padding_id
 from .rollout import Rollout, SamplingParams, check_prompts
@@ -115,7 +116,7 @@ class VLLMEngine:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """π_old ← π_θ in vLLM: the policy's weights by name (tied ones once), then a fresh prefix cache."""
-        weights = [(name, p.detach()) for name, p in model.named_parameters()]
+        weights = lora.plain_parameters(model)  # a LoRA policy's merged weights, by their plain names
         self.llm.collective_rpc(_load_weights, args=(weights,))
         self.llm.reset_prefix_cache()
 
