@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import lora
 from .modeling import _last_layer_at_supported, _rotate_half
@@ -209,9 +210,22 @@ def tree_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tens
         cos, sin = base.rotary_emb(h[None], pos.reshape(-1)[sel][None])  # (1, N, hd)
         cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # (N, 1, hd) against (N, heads, hd)
         bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None, None]  # (U, 1, 1, S, S)
+        # gradient_checkpointing (runs.train_mode): each layer's activations, fused weights included,
+        # are recomputed in the backward instead of kept
+        remat = torch.is_grad_enabled() and model.training and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in base.layers)
         for layer in base.layers:
-            h = _tree_layer(h, cos, sin, bias, None if padded else sel, _layer_weights(layer, dt), dt)
+            if remat:
+                h = checkpoint(_weighted_tree_layer, h, cos, sin, bias, None if padded else sel, layer, dt,
+                               use_reentrant=False)
+            else:
+                h = _weighted_tree_layer(h, cos, sin, bias, None if padded else sel, layer, dt)
         return _rms(h[real.reshape(-1)] if padded else h, _norm(base.norm))
+
+
+def _weighted_tree_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                         sel: torch.Tensor | None, layer, dt: torch.dtype) -> torch.Tensor:
+    return _tree_layer(h, cos, sin, bias, sel, _layer_weights(layer, dt), dt)
 
 
 def _tree_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, sel: torch.Tensor,

@@ -152,6 +152,20 @@ def autocast(dtype: str, math_attention: bool = False):
         yield
 
 
+def same_attention_kernels() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` of ``torch.utils.checkpoint``: the recompute in the backward runs with the SDPA
+    kernels its forward had. :func:`autocast` picks them for the forward, and the backward runs
+    outside that context; a recompute under other kernels saves other tensors, which checkpoint
+    refuses ("different metadata")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = {SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+             SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+             SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+             SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled()}
+    return contextlib.nullcontext(), sdpa_kernel([b for b, on in flags.items() if on])
+
+
 class _CompiledWhenTraining:
     """A decoder block's ``forward``: compiled where gradients are on (the training forwards), eager
     elsewhere. Generation and no-grad scoring keep the eager path: the KV-cache paths would each

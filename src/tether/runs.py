@@ -22,7 +22,7 @@ from .arith import ArithSpec
 from .config import Config, ConfigError
 from . import lora
 from .data import EpochSampler
-from .modeling import compile_blocks, default_dtype, disable_dropout, load_causal_lm
+from .modeling import compile_blocks, default_dtype, disable_dropout, load_causal_lm, same_attention_kernels
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class RunConfig(Config):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: cosine decay to min_lr_ratio*lr, or constant")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate of the cosine schedule, as a fraction of lr")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping by global norm (0: off)")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations during the backward instead of keeping them (torch.utils.checkpoint, non-reentrant): activation memory of one layer instead of all, for about a third more compute")
     disable_dropout: bool = Field(True, description="zero the model's dropout rates while training (TRL's disable_dropout), so that the trainer's log-probs are the sampler's and the reference's function of the weights; SFT keeps them by default")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", validate_default=True, description="autocast dtype (weights and optimizer stay fp32): auto is bf16 where the CPU or GPU computes it natively (AVX512-BF16, AMX), else fp32, resolved when the config is made and recorded in the run's config.yaml")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
@@ -97,12 +98,13 @@ class OfflineConfig(TrainConfig):
 
 
 def load_trainable(cfg: RunConfig, ckpt: Path | None, start_path: str | Path,
-                   load: Callable[[str | Path], torch.nn.Module] = load_causal_lm,
+                   load: Callable[[str | Path], torch.nn.Module] | None = None,
                    train_whole: tuple[str, ...] = ()) -> torch.nn.Module:
     """The model a trainer trains (``load`` reads a folder: a causal LM unless told otherwise), in
     training mode (:func:`train_mode`): the checkpoint's weights when resuming, else the start
     model's; with ``lora_rank`` the start model with adapters, fresh or the checkpoint's (which holds
     the adapter and the ``train_whole`` modules only)."""
+    load = load or load_causal_lm
     if getattr(cfg, "lora_rank", 0):
         base = load(start_path)
         model = lora.load_adapter(base, ckpt) if ckpt is not None else lora.apply(base, cfg, train_whole)
@@ -112,10 +114,21 @@ def load_trainable(cfg: RunConfig, ckpt: Path | None, start_path: str | Path,
 
 
 def train_mode(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    """``model`` in training mode, its dropout zeroed unless ``cfg`` keeps it (``disable_dropout``)."""
+    """``model`` in training mode, its dropout zeroed unless ``cfg`` keeps it (``disable_dropout``),
+    its decoder layers checkpointed if asked (``gradient_checkpointing``: transformers' own, which the
+    model's forward applies in training mode; tether's packed-tree forward checkpoints its layers too)."""
     model.train()
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"gradient_checkpointing=true: {type(model).__name__} does not support it")
+        # non-reentrant: gradients reach LoRA adapters behind frozen inputs (older transformers: gradient_checkpointing_enable)
+        kwargs = {"use_reentrant": False, "context_fn": same_attention_kernels}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
