@@ -107,16 +107,23 @@ def test_bad_target_modules_are_a_config_error(tiny_model):
         lora.apply(load_causal_lm(tiny_model), Cfg(lora_rank=4, lora_target_modules=["no_such_proj"]))
 
 
+def straight_and_resumed(module, config, tmp_path, stop: int, **common):
+    """A run straight through, and the same run stopped after ``stop`` steps and resumed: their results
+    and final weights, which must be equal (resume is exact)."""
+    straight = module.train(config(output_dir=str(tmp_path / "a"), **common))
+    module.train(config(output_dir=str(tmp_path / "b"), stop_at_step=stop, **common))
+    resumed = module.train(config(output_dir=str(tmp_path / "b"), resume=True, **common))
+    a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight, resumed, a
+
+
 def test_sft_lora_checkpoints_resume_and_final(tiny_model, tmp_path):
-    common = dict(model=str(tiny_model), lora_rank=4, lr=1e-2, max_steps=6, batch_size=8, micro_batch_size=8,
-                  arith_rows=64, eval_data="none", progress=False, report=False, dtype="fp32")
-    straight = sft.train(sft.SFTConfig(output_dir=str(tmp_path / "a"), **common))
-    sft.train(sft.SFTConfig(output_dir=str(tmp_path / "b"), stop_at_step=3, **common))
-    resumed = sft.train(sft.SFTConfig(output_dir=str(tmp_path / "b"), resume=True, **common))
+    straight, _, a = straight_and_resumed(
+        sft, sft.SFTConfig, tmp_path, 3, model=str(tiny_model), lora_rank=4, lr=1e-2, max_steps=6, batch_size=8,
+        micro_batch_size=8, arith_rows=64, eval_data="none", progress=False, report=False, dtype="fp32")
     ckpt = sorted((tmp_path / "b" / "checkpoints").iterdir())[-1]
     assert (ckpt / lora.ADAPTER_WEIGHTS).is_file() and not (ckpt / "model.safetensors").exists()  # adapter only
-    a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume is exact
     assert not any("lora" in k or "base_layer" in k for k in a)  # final/ is a plain model
     base = load_causal_lm(tiny_model).state_dict()
     changed = [k for k in a if not torch.equal(a[k], base[k])]
@@ -176,11 +183,7 @@ def test_reward_model_lora_trains_its_head_whole_and_resumes(tiny_model, tmp_pat
 
     common = dict(model=str(tiny_model), lora_rank=4, lr=1e-2, max_steps=4, batch_size=4, micro_batch_size=4,
                   arith_pairs=32, eval_data="none", progress=False, report=False, dtype="fp32")
-    straight = reward.train(reward.RewardConfig(output_dir=str(tmp_path / "a"), **common))
-    reward.train(reward.RewardConfig(output_dir=str(tmp_path / "b"), stop_at_step=2, **common))
-    resumed = reward.train(reward.RewardConfig(output_dir=str(tmp_path / "b"), resume=True, **common))
-    a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in (straight, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, _, a = straight_and_resumed(reward, reward.RewardConfig, tmp_path, 2, **common)
     assert not any("lora" in k or "modules_to_save" in k or "original_module" in k for k in a)  # a plain model
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():
