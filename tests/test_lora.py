@@ -197,3 +197,36 @@ def test_reward_model_lora_trains_its_head_whole_and_resumes(tiny_model, tmp_pat
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "score.modules_to_save.default.weight" in trainable
     assert all(".lora_" in n or n.startswith("score.modules_to_save") for n in trainable)
+
+
+def test_weight_average_keeps_only_the_adapters(tiny_model):
+    """ema_decay with LoRA averages the adapters alone (no copy of the frozen base), swapped into the
+    model where it is used and swapped back after."""
+    from tether.online import WeightAverage
+
+    model = adapted(tiny_model)
+    average = WeightAverage(model, 0.5)
+    assert average.names and all(".lora_" in n for n in average.names)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    average.update(model)  # (W_0 + θ_1) / 2
+    with average.applied(model):
+        assert all(torch.allclose(p, start[n] + 0.5 * p.requires_grad) for n, p in model.named_parameters())
+    assert all(torch.allclose(p, start[n] + 1.0 * p.requires_grad) for n, p in model.named_parameters())
+
+
+def test_gpt2_conv1d_layers_merge(gpt2_model):
+    """GPT-2's projections are Conv1D (weights stored in × out): the merged model (final/, vLLM's
+    weights) is the adapted model."""
+    model = adapted(gpt2_model).eval()
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        merged = lora.merged_copy(model)
+        assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
+        with lora.as_reference(model):
+            assert (merged(ids).logits - model(ids).logits).abs().max() > 1e-3  # the adapters mattered
+    plain = dict(lora.plain_parameters(model))
+    assert all(torch.allclose(plain[n], p, atol=1e-6) for n, p in merged.named_parameters())

@@ -175,7 +175,7 @@ def test_resume_continues_bit_identically(tiny_model, tmp_path, monkeypatch, cls
 
 def test_final_model_is_the_weight_average(tiny_model, tmp_path, monkeypatch):
     """ema_decay=d: final/ holds W_3 = d³ W_0 + d²(1-d) θ_1 + d(1-d) θ_2 + (1-d) θ_3 from the start W_0 and
-    the iterates θ_t of the checkpoints (torch.optim.swa_utils' EMA, started from the starting weights);
+    the iterates θ_t of the checkpoints (online.WeightAverage, started from the starting weights);
     the logged eval_accuracy is the average's and eval_accuracy_policy the last iterate's."""
     from safetensors.torch import load_file
 

@@ -151,7 +151,7 @@ def _commands() -> dict[str, tuple[type[Config], Callable[[Any], int], str]]:
 
     return {
         "quickstart": (QuickstartConfig, _cmd_quickstart,
-                       "the whole pipeline on the embedded model: SFT, reward model, DPO, each evaluated; a report"),
+                       "the whole pipeline on the embedded model: SFT, reward model, DPO, GRPO, PPO, each evaluated; a report"),
         "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (completion-only loss) of a causal LM"),
         "reward": (RewardConfig, _cmd_reward, "a Bradley-Terry reward model (scalar head) from preference pairs"),
         "attributes": (AttributeConfig, _cmd_attributes,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -62,7 +63,9 @@ def apply(model: torch.nn.Module, cfg: LoraFields, train_whole: tuple[str, ...] 
                         target_modules=cfg.lora_target_modules, bias="none",
                         modules_to_save=list(train_whole) or None)
     try:
-        model = inject_adapter_in_model(config, model)
+        with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself, and says so
+            warnings.filterwarnings("ignore", "fan_in_fan_out is set to False", UserWarning)
+            model = inject_adapter_in_model(config, model)
     except ValueError as e:  # target modules not found in the model
         raise ConfigError(f"lora_target_modules={cfg.lora_target_modules!r}: {e}") from None
     _train_adapters_only(model)
@@ -127,13 +130,14 @@ def mergeable(model: torch.nn.Module) -> bool:
 
 def linear_weight(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (weight, bias) a linear layer applies: W, or with LoRA adapters active
-    W + Σ_a (α_a/r_a) B_a A_a (differentiable in A and B), where :func:`mergeable` holds."""
+    W + Σ_a (α_a/r_a) B_a A_a (peft's ``get_delta_weight``: differentiable in A and B, transposed for
+    GPT-2's Conv1D layers), where :func:`mergeable` holds."""
     base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
     w = base.weight
     if hasattr(m, "lora_A") and not m.disable_adapters:
         for a in m.active_adapters:
             if a in m.lora_A:
-                w = w + m.scaling[a] * (m.lora_B[a].weight @ m.lora_A[a].weight)
+                w = w + m.get_delta_weight(a)
     return w, base.bias
 
 

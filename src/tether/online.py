@@ -13,6 +13,7 @@ tensors in and out: a distributed engine or reward worker replaces one method, n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -105,6 +106,48 @@ class AdaptiveKL:
             self.beta *= 1 + err * n / self.horizon
 
 
+class WeightAverage:
+    """W_t = d W_{t-1} + (1 - d) θ_t after each step, from W_0 = the starting weights (OpenRLHF's EMA),
+    over the policy's trainable parameters, kept beside the model and swapped into it where it is used
+    (:meth:`applied`). With LoRA only the adapters are averaged: nothing of the frozen base is copied
+    (a copy of the whole model, as ``torch.optim.swa_utils.AveragedModel`` keeps, would double the
+    memory LoRA saves). The same ``torch._foreach_lerp_`` as that class's EMA, so the same numbers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self._params(model)]
+
+    def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        params = dict(model.named_parameters())
+        return [params[n] for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self._params(model)], 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``model`` holding the average (its own weights set aside, not copied), restored on exit."""
+        params = self._params(model)
+        for p, a in zip(params, self.average):
+            p.data, a.data = a.data, p.data
+        try:
+            yield model
+        finally:
+            for p, a in zip(params, self.average):
+                p.data, a.data = a.data, p.data
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.average))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """From :meth:`state_dict`, or from an ``AveragedModel``'s (checkpoints of earlier versions)."""
+        with torch.no_grad():
+            for n, a in zip(self.names, self.average):
+                a.copy_(state[n] if n in state else state[f"module.{n}"])
+
+
 class Session:
     """The policy, optional reference, engine, rewards, prompt stream, optimizer, logger and
     checkpoints of one online run. Modules given to :meth:`add_module` (a critic) train and
@@ -144,7 +187,7 @@ class Session:
         self.modules: dict[str, torch.nn.Module] = {}
         self.module_lr: dict[str, float] = {}
         self.optimizer = self.scheduler = None
-        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        self.ema: WeightAverage | None = None
         self.eval_rows = self._eval_rows()
         self.start = 0
         self.t_start = time.time()
@@ -168,11 +211,8 @@ class Session:
         self.scheduler = runs.make_scheduler(self.optimizer, cfg)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.ema_decay:  # W_0 = the starting weights; W_t = d W_{t-1} + (1 - d) θ_t after step t
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.policy, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
-            self.ema.requires_grad_(False).module.eval()
-            self.ema.update_parameters(self.policy)
-            self.ema_engine = TorchEngine(self.ema.module, self.tokenizer, cfg.dtype)  # greedy: no RNG drawn
+            self.ema = WeightAverage(self.policy, cfg.ema_decay)
+            self.ema_engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype)  # greedy: no RNG drawn
         if self.state is not None:
             runs.restore_train_state(self.state, self.optimizer, self.scheduler)
             self.sampler.load_state_dict(self.state["sampler"])
@@ -329,7 +369,7 @@ class Session:
             self.scheduler.step()  # the schedule counts rollout steps
         self.engine.sync_weights(self.policy)  # π_old ← π_θ: the next rollout samples the new policy
         if self.ema is not None:
-            self.ema.update_parameters(self.policy)
+            self.ema.update(self.policy)
         out = {k: v / updates for k, v in totals.items()} if updates else {}
         self.timings["time/update"] = time.perf_counter() - t
         return out
@@ -395,7 +435,9 @@ class Session:
         if self.ema is not None:
             record["eval_accuracy_policy"] = ev["accuracy"]
             if step > 0:  # at step 0 the average is the policy
-                ev = score_completions(self.eval_rows, engine_texts(self.ema_engine, self.tokenizer, prompts, greedy))
+                with self.ema.applied(self.policy):
+                    texts = engine_texts(self.ema_engine, self.tokenizer, prompts, greedy)
+                ev = score_completions(self.eval_rows, texts)
                 record["eval_accuracy"] = ev["accuracy"]
         self.logger.log(step, record, advance=False)
         return ev
@@ -407,7 +449,8 @@ class Session:
         last = read_metrics(self.run_dir / "metrics.jsonl")
         result.steps = max((m["step"] for m in last), default=0)
         if not self._stopped:
-            runs.save_final(self.run_dir, self.ema.module if self.ema is not None else self.policy, self.tokenizer)
+            with self.ema.applied(self.policy) if self.ema is not None else contextlib.nullcontext():
+                runs.save_final(self.run_dir, self.policy, self.tokenizer)
             for k, m in self.modules.items():
                 torch.save(m.state_dict(), self.run_dir / "final" / f"{k}.pt")
             if self.eval_rows:
