@@ -14,6 +14,9 @@ weight W + (α/r) B A (:func:`linear_weight`).
   ``final/`` is the merged model, a plain transformers folder that every command loads, with the
   adapter alone in ``final/adapter/``. :func:`tether.modeling.load_causal_lm` loads an adapter folder
   as its merged model.
+- **vLLM holds the merged model**: at each sync it loads :func:`plain_parameters`, the merged weights
+  under the plain model's names. The online trainers' weight average covers the adapters alone
+  (:class:`tether.online.WeightAverage`).
 """
 
 from __future__ import annotations
