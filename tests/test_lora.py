@@ -230,3 +230,17 @@ def test_gpt2_conv1d_layers_merge(gpt2_model):
             assert (merged(ids).logits - model(ids).logits).abs().max() > 1e-3  # the adapters mattered
     plain = dict(lora.plain_parameters(model))
     assert all(torch.allclose(plain[n], p, atol=1e-6) for n, p in merged.named_parameters())
+
+
+def test_dpo_lora_reference_scored_late_is_the_base_model(tiny_model, tmp_path):
+    """reference=cached scores each pair when first drawn, after the policy has moved: with LoRA, by the
+    policy with its adapters off, so the losses equal precompute's (every pair scored before step 1)."""
+    def losses(mode):
+        r = dpo.train(dpo.DPOConfig(model=str(tiny_model), output_dir=str(tmp_path / mode), lora_rank=4, lr=1e-2,
+                                    max_steps=4, batch_size=4, micro_batch_size=4, arith_pairs=16, reference=mode,
+                                    eval_data="none", progress=False, report=False, dtype="fp32"))
+        return [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    cached, precomputed = losses("cached"), losses("precompute")
+    assert cached == pytest.approx(precomputed, rel=1e-5, abs=1e-7)
+    assert cached[-1] != pytest.approx(cached[0])  # the policy did move

@@ -123,13 +123,13 @@ class CachedReference:
         if todo:
             if self.model is None:
                 self.model = self.load()
-            for j in range(0, len(todo), self.cfg.micro_batch_size):
-                chunk = todo[j:j + self.cfg.micro_batch_size]
-                with lora.as_reference(self.model):
-                    c, r, _, _ = pair_logps(self.model, [self.pairs[i] for i in chunk], self.pad_id, self.cfg.ld_alpha,
-                                        self.cfg.dtype, self.cfg.shared_prompt)
-                self.scores[chunk] = torch.stack([c, r], -1).float()
-                self.scored[chunk] = True
+            with lora.as_reference(self.model):  # a LoRA policy with its adapters off
+                for j in range(0, len(todo), self.cfg.micro_batch_size):
+                    chunk = todo[j:j + self.cfg.micro_batch_size]
+                    c, r, _, _ = pair_logps(self.model, [self.pairs[i] for i in chunk], self.pad_id,
+                                            self.cfg.ld_alpha, self.cfg.dtype, self.cfg.shared_prompt)
+                    self.scores[chunk] = torch.stack([c, r], -1).float()
+                    self.scored[chunk] = True
             if bool(self.scored.all()):
                 self.model = None  # every pair has its score: the reference model is no longer needed
         return self.scores[idx]
