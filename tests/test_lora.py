@@ -244,3 +244,16 @@ def test_dpo_lora_reference_scored_late_is_the_base_model(tiny_model, tmp_path):
     cached, precomputed = losses("cached"), losses("precompute")
     assert cached == pytest.approx(precomputed, rel=1e-5, abs=1e-7)
     assert cached[-1] != pytest.approx(cached[0])  # the policy did move
+
+
+def test_ppo_separate_critic_gets_adapters_too(tiny_model, tmp_path):
+    r = ppo.train(ppo.PPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "p"), lora_rank=4, critic="separate",
+                                max_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=6, lr=1e-2,
+                                eval_data="none", progress=False, report=False, dtype="fp32"))
+    critic = torch.load(r.final_dir / "critic.pt", weights_only=True)
+    start = load_causal_lm(tiny_model).state_dict()
+    base = {k.removeprefix("lm."): v for k, v in critic.items() if k.startswith("lm.") and ".lora_" not in k}
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in critic.items())  # the adapters trained
+    for k, v in base.items():  # the backbone did not
+        assert torch.equal(v, start[k.replace(".base_layer", "")]), k
+    assert critic["head.v.weight"].abs().sum() > 0  # nor did the head stay at zero

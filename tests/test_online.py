@@ -145,6 +145,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2, ema_decay=0.9)),
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
+    (ppo.PPOConfig, ppo, dict(critic="separate", lora_rank=4, beta=0.1)),  # adapters on both, reference adapters-off
     (ppo.PPOConfig, ppo, dict(critic_fit="least_squares")),  # its statistics are in the checkpoint
 ])
 def test_resume_continues_bit_identically(tiny_model, tmp_path, monkeypatch, cls, module, extra):

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from . import runs
+from . import lora, runs
 from .losses.policy import PolicyLossConfig, gae, policy_loss, value_loss, whiten
 from .online import Experience, OnlineConfig, Session, sequence_rewards_to_tokens, token_means
 
@@ -36,7 +36,7 @@ class PPOConfig(OnlineConfig):
     prompts."""
 
     output_dir: str = Field("runs/ppo", description="run folder")
-    critic: Literal["separate", "head"] = Field("head", description="a value head on the policy, or a separate value model (a second backbone: ~1.6x the step time; on the arithmetic world it learns less in the same wall time, README)")
+    critic: Literal["separate", "head"] = Field("head", description="a value head on the policy, or a separate value model (a second backbone, with LoRA adapters under lora_rank: ~1.6x the step time; on the arithmetic world it learns less in the same wall time, README)")
     critic_model: str | None = Field(None, description="checkpoint the separate critic starts from (default: the policy's)")
     head_trains_backbone: bool = Field(False, description="critic=head: let the value loss train the policy's backbone too (the shared value heads of early RLHF PPO); off, the head reads detached hidden states and the backbone learns from the policy loss alone (README)")
     gamma: float = Field(1.0, gt=0, le=1, description="discount of GAE")
@@ -112,8 +112,9 @@ def train(cfg: PPOConfig) -> runs.FitResult:
     s = Session(cfg, "ppo")
     from .modeling import load_causal_lm, resolve_model_path
 
-    if cfg.critic == "separate":
-        critic = SeparateCritic(load_causal_lm(resolve_model_path(cfg.critic_model) if cfg.critic_model else s.base_path))
+    if cfg.critic == "separate":  # with lora_rank, adapters on its backbone too (OpenRLHF's LoRA critic)
+        lm = load_causal_lm(resolve_model_path(cfg.critic_model) if cfg.critic_model else s.base_path)
+        critic = SeparateCritic(lora.apply(lm, cfg))
         runs.train_mode(critic.lm, cfg)
     else:
         critic = ValueHead(s.policy.config.hidden_size)
