@@ -71,3 +71,8 @@ def test_trainers_train_alike_with_checkpointing(tiny_model, tmp_path):
     c = grpo.train(grpo.GRPOConfig(output_dir=str(tmp_path / "c"), **online))
     d = grpo.train(grpo.GRPOConfig(output_dir=str(tmp_path / "d"), gradient_checkpointing=True, **online))
     assert losses(c.run_dir) == pytest.approx(losses(d.run_dir), rel=1e-5, abs=1e-9)
+
+
+def test_compile_and_checkpointing_together_are_refused():
+    with pytest.raises(ValueError, match="torch_compile=true and gradient_checkpointing=true"):
+        sft.SFTConfig(torch_compile=True, gradient_checkpointing=True)
