@@ -145,12 +145,15 @@ def linear_weight(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with its adapters merged into the base weights and removed (and the
-    trained copies of whole modules in place of the originals): a plain transformers model of the
-    same class. ``model`` itself is untouched."""
+    """A copy of ``model`` with its adapters merged in (:func:`unload`); ``model`` itself is untouched."""
+    return unload(copy.deepcopy(model))
+
+
+def unload(out: torch.nn.Module) -> torch.nn.Module:
+    """``out`` with its adapters merged into the base weights and removed (and the trained copies of
+    whole modules in place of the originals), in place: a plain transformers model of the same class."""
     from peft.utils import ModulesToSaveWrapper
 
-    out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, ModulesToSaveWrapper):
             plain = m.original_module if m.disable_adapters else m.modules_to_save["default"]
@@ -228,6 +231,6 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
 def load_merged(folder: str | Path, load_base: Callable[[str], torch.nn.Module]) -> torch.nn.Module:
     """The model an adapter folder stands for: its base (loaded by ``load_base``) with the adapter
     merged in, named after the folder (so that an adapter trained on it names this one as its base)."""
-    model = merged_copy(load_adapter(load_base(adapter_base(folder)), folder))
+    model = unload(load_adapter(load_base(adapter_base(folder)), folder))
     model.name_or_path = str(folder)
     return model
