@@ -143,6 +143,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
 
 @pytest.mark.parametrize("cls,module,extra", [
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2, ema_decay=0.9)),
+    (grpo.GRPOConfig, grpo, dict(rollout_dtype="bf16", off_policy_mask_threshold=0.1)),  # sampler correction on
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
     (ppo.PPOConfig, ppo, dict(critic="separate", lora_rank=4, beta=0.1)),  # adapters on both, reference adapters-off

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import runs
 from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages, informative_groups
@@ -36,6 +36,21 @@ class GRPOConfig(OnlineConfig):
     mini_batches: int = Field(2, ge=1, description="optimizer updates per rollout batch (TRL's steps_per_generation); the second is importance-weighted and clipped. Two learn faster than one at the same compute on the arithmetic world (README)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
+
+    @model_validator(mode="after")
+    def _vespo_sampler(self):
+        self.sampler_mode()  # refuses vespo with a sequence-level sampler correction
+        return self
+
+    def sampler_mode(self) -> str:
+        """VESPO folds the sampler's weights into its sequence ratio per token: ``auto`` picks TRL's
+        sequence_mask's per-token counterpart there, and a sequence mode is refused."""
+        mode = super().sampler_mode()
+        if self.loss_type == "vespo" and mode.startswith("sequence"):
+            if self.sampler_correction != "auto":
+                raise ValueError(f"loss_type=vespo needs a token_* sampler_correction, not {mode}")
+            return "token_mask"
+        return mode
 
     def loss_config(self) -> PolicyLossConfig:
         if self.loss_type not in LOSS_TYPES:

@@ -32,7 +32,8 @@ from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .lora import LoraFields
-from .losses.policy import PolicyLossConfig, kl_estimate, policy_loss
+from .losses.policy import (SAMPLER_CORRECTIONS, PolicyLossConfig, kl_estimate, off_policy_mask, policy_loss,
+                            sampler_weights)
 from .modeling import (attention_mask_4d, autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer,
                        padding_id, resolve_model_path)
 from .rewards import RunningNorm, length_correlation, make_rewards
@@ -76,6 +77,22 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     engine: Literal["torch", "vllm"] = Field("torch", description="where completions are sampled: tether's engine on the policy itself (CPU or one GPU), or vLLM colocated on a GPU (pip install 'tether[vllm]'; tether.vllm_engine)")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="engine=vllm: the share of the GPU's memory vLLM keeps (weights, KV cache)")
     ema_decay: float = Field(0.95, ge=0, lt=1, description="exponential moving average of the policy's weights after each step, from the starting model (OpenRLHF's enable_ema): the model evaluated and saved as final/; the last iterate stays in the last checkpoint. 0: off, final/ is the last iterate. It averages out the noise of small-batch policy gradients (README)")
+    rollout_dtype: Literal["same", "fp32", "bf16"] = Field("same", description="what the engine samples (and evaluates) in: 'same' as dtype, when the sampler's log-probs are the trainer's up to float rounding; bf16 while training in fp32 samples faster where the CPU has bf16 units, as vLLM in bf16 does on a GPU, and its log-probs then differ from the trainer's (see sampler_correction)")
+    sampler_correction: Literal["auto", *SAMPLER_CORRECTIONS] = Field("auto", description="correct for a sampler that only approximates the trainer's π_old (vLLM, rollout_dtype): weight each token's policy loss by ρ = π_old/π_sampler, per token or per sequence, truncated to [sampler_clip_min, sampler_clip_max] or masked to 0 outside it (TRL's vllm_importance_sampling_mode). π_old is then the trainer's own forward (one more no-grad forward a step, except GRPO/REINFORCE with one update per rollout). auto: sequence_mask (TRL's default) where the sampler is vLLM or samples in another dtype, none where it is the trainer's own forward (README)")
+    sampler_clip_min: float | None = Field(None, ge=0, description="lower bound of the sampler correction's ρ (None: none)")
+    sampler_clip_max: float | None = Field(3.0, gt=0, description="upper bound of the sampler correction's ρ (None: none; TRL's default 3)")
+    off_policy_mask_threshold: float | None = Field(None, ge=0, description="DeepSeek-V3.2's off-policy sequence mask: no policy loss on a completion with a negative advantage whose mean per-token log π_sampler - log π_θ exceeds this (e.g. 0.5); None: off")
+
+    def sampling_dtype(self) -> str:
+        """The dtype the engine samples in."""
+        return self.dtype if self.rollout_dtype == "same" else self.rollout_dtype
+
+    def sampler_mode(self) -> str:
+        """``sampler_correction`` with ``auto`` resolved: on (TRL's sequence_mask) where the sampler
+        is not the trainer's own forward in the trainer's dtype."""
+        if self.sampler_correction != "auto":
+            return self.sampler_correction
+        return "sequence_mask" if self.engine == "vllm" or self.sampling_dtype() != self.dtype else "none"
 
 
 @dataclass
@@ -85,10 +102,11 @@ class Experience:
     rollout: Rollout
     rewards: torch.Tensor  # (N,) NaN where dropped
     mask: torch.Tensor  # (N, L) float: tokens that carry loss
-    old_logps: torch.Tensor  # (N, L) the sampler's log-probs
+    old_logps: torch.Tensor  # (N, L) π_old: the sampler's log-probs, or the trainer's own (old_from_trainer)
     ref_logps: torch.Tensor | None  # (N, L) or None when beta = 0
     rows: torch.Tensor  # (n,) the completions the update trains on (all, unless groups were filtered)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # advantages, values, returns…
+    old_from_trainer: bool = False  # old_logps recomputed by the trainer (a sampler correction is on)
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -172,18 +190,22 @@ class Session:
             from .vllm_engine import VLLMEngine
 
             # with LoRA, vLLM holds the merged model: it loads the base, then the policy's merged weights
-            self.engine = VLLMEngine(str(self.base_path if cfg.lora_rank else path), self.tokenizer, cfg.dtype,
+            self.engine = VLLMEngine(str(self.base_path if cfg.lora_rank else path), self.tokenizer, cfg.sampling_dtype(),
                                      cfg.seed, cfg.vllm_gpu_memory_utilization)
             if cfg.lora_rank:
                 self.engine.sync_weights(self.policy)
         else:
-            self.engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype, seed=cfg.seed)
+            self.engine = TorchEngine(self.policy, self.tokenizer, cfg.sampling_dtype(), seed=cfg.seed)
         self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations)
         self.rewards = make_rewards(cfg.reward, cfg.reward_on_invalid, cfg.reward_fallback)
         self.reward_norm = RunningNorm()
         self.prompts, self.metadata = self._load_prompts()
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.kl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.correction = cfg.sampler_mode()
+        # GRPO and REINFORCE take π_old = sg(π_θ) in the single update of a rollout (TRL's behaviour), so
+        # a sampler correction needs no forward of its own there; PPO's loss reads stored log-probs
+        self.on_policy_shortcut = True
         self.modules: dict[str, torch.nn.Module] = {}
         self.module_lr: dict[str, float] = {}
         self.optimizer = self.scheduler = None
@@ -212,7 +234,7 @@ class Session:
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.ema_decay:  # W_0 = the starting weights; W_t = d W_{t-1} + (1 - d) θ_t after step t
             self.ema = WeightAverage(self.policy, cfg.ema_decay)
-            self.ema_engine = TorchEngine(self.policy, self.tokenizer, cfg.dtype)  # greedy: no RNG drawn
+            self.ema_engine = TorchEngine(self.policy, self.tokenizer, cfg.sampling_dtype())  # greedy: no RNG drawn
         if self.state is not None:
             runs.restore_train_state(self.state, self.optimizer, self.scheduler)
             self.sampler.load_state_dict(self.state["sampler"])
@@ -300,12 +322,24 @@ class Session:
         ref = None
         if self.ref is not None:
             t = time.perf_counter()
-            ref = torch.zeros_like(mask)
-            with torch.no_grad(), lora.as_reference(self.ref):
-                for mb in self._chunks(rows, roll):
-                    ref[mb] = self.logps(self.ref, roll, mb, with_entropy=False)[0]
+            with lora.as_reference(self.ref):
+                ref = self._no_grad_logps(self.ref, roll, rows)
             self.timings["time/reference"] = time.perf_counter() - t
-        return Experience(roll, rewards, mask, roll.logprobs, ref, rows)
+        old, trainer = roll.logprobs, False
+        single = self.on_policy_shortcut and self.cfg.epochs * self.cfg.mini_batches == 1
+        if self.correction != "none" and not single:  # seed §5's π_old is the trainer's, not the sampler's
+            t = time.perf_counter()
+            old, trainer = self._no_grad_logps(self.policy, roll, rows), True
+            self.timings["time/old_logps"] = time.perf_counter() - t
+        return Experience(roll, rewards, mask, old, ref, rows, old_from_trainer=trainer)
+
+    def _no_grad_logps(self, model, roll: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """(N, L) log-probs of rollout ``rows`` under ``model`` (zeros elsewhere), micro-batched."""
+        out = torch.zeros(roll.mask.shape)
+        with torch.no_grad():
+            for mb in self._chunks(rows, roll):
+                out[mb] = self.logps(model, roll, mb, with_entropy=False)[0]
+        return out
 
     def kl_reward(self, exp: Experience) -> torch.Tensor:
         """-β · KL_t per token (the reward-penalty form of seed §4), (N, L); zeros when β = 0."""
@@ -358,8 +392,9 @@ class Session:
                 for micro in self._chunks(mb, exp.rollout):
                     loss, metrics = loss_fn(micro, len(mb), n_tok, updates == 0 and cfg.epochs * cfg.mini_batches == 1)
                     loss.backward()
-                    for k, v in metrics.items():
-                        totals[k] = totals.get(k, 0.0) + float(v)
+                    for k, v in metrics.items():  # sums add up; extremes (``*_max``, ``*_min``) keep theirs
+                        merge = _ACCUMULATE.get(k[-4:], float.__add__)
+                        totals[k] = merge(totals[k], float(v)) if k in totals else float(v)
                     totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
                 norm = runs.optimizer_step(self._params, self.optimizer, None, cfg.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
@@ -370,7 +405,7 @@ class Session:
         self.engine.sync_weights(self.policy)  # π_old ← π_θ: the next rollout samples the new policy
         if self.ema is not None:
             self.ema.update(self.policy)
-        out = {k: v / updates for k, v in totals.items()} if updates else {}
+        out = {k: v if k[-4:] in _ACCUMULATE else v / updates for k, v in totals.items()} if updates else {}
         self.timings["time/update"] = time.perf_counter() - t
         return out
 
@@ -382,14 +417,39 @@ class Session:
         def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
             logps, entropy = self.logps(self.policy, exp.rollout, rows)
             ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
+            rho, keep, sm = self.sampler_terms(exp, rows, logps, adv[rows])
             loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
-                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok)
+                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok, sampler_weights=rho, keep=keep)
+            m.update(sm)
             # |log π_θ - log π_sampler| per token: 0 up to float noise before the first update, when the
             # trainer and the rollout engine see the same weights (their agreement, measured every step)
-            gap = ((logps.detach() - exp.old_logps[rows]).abs() * exp.mask[rows]).sum()
+            gap = ((logps.detach() - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]).sum()
             return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum(), "logp_gap_sum": gap}
 
         return loss_fn
+
+    def sampler_terms(self, exp: Experience, rows: torch.Tensor, logps: torch.Tensor, adv: torch.Tensor,
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The sampler correction's weights ρ and the off-policy mask for micro-batch ``rows`` with
+        policy log-probs ``logps`` and advantages ``adv`` (None where off), and their metrics: ρ's token
+        mean (``sampler_ratio``), extremes and the share of tokens it zeroes (``sampler_dropped``), the
+        share the off-policy mask drops (``off_policy_dropped``)."""
+        mask, sampled = exp.mask[rows], exp.rollout.logprobs[rows]
+        rho = keep = None
+        m: dict[str, torch.Tensor] = {}
+        if self.correction != "none":
+            # without a stored π_old from the trainer the update is the rollout's first: π_old = sg(π_θ)
+            old = exp.old_logps[rows] if exp.old_from_trainer else logps.detach()
+            rho = sampler_weights(old, sampled, mask, self.correction, self.cfg.sampler_clip_min,
+                                  self.cfg.sampler_clip_max)
+            per_token = rho.expand_as(mask)[mask.bool()]
+            m = {"sampler_ratio_sum": per_token.sum(), "sampler_dropped_sum": (per_token == 0).sum()}
+            if len(per_token):
+                m.update(sampler_ratio_max=per_token.max(), sampler_ratio_min=per_token.min())
+        if self.cfg.off_policy_mask_threshold is not None:
+            keep = off_policy_mask(adv, logps, sampled, mask, self.cfg.off_policy_mask_threshold)
+            m["off_policy_dropped_sum"] = ((1 - keep) * mask).sum()
+        return rho, keep, m
 
     def end_step(self, step: int, exp: Experience, metrics: dict[str, float]) -> None:
         """Log (reward, accuracy of the samples, KL, entropy, lengths, timings), evaluate,
@@ -465,6 +525,10 @@ class Session:
                 summary["held-out accuracy"] = f"{result.eval_before['accuracy']:.1%} -> {result.eval_after['accuracy']:.1%}"
             write_report(self.run_dir, self.name, read_metrics(self.run_dir / "metrics.jsonl"), summary)
         return result
+
+
+# how :meth:`Session.update` accumulates a metric over micro-batches and updates, by its name's end
+_ACCUMULATE: dict[str, Callable[[float, float], float]] = {"_max": max, "_min": min}
 
 
 def shuffle_groups(rows: torch.Tensor, n: int) -> torch.Tensor:

@@ -110,6 +110,7 @@ class SeparateCritic(torch.nn.Module):
 
 def train(cfg: PPOConfig) -> runs.FitResult:
     s = Session(cfg, "ppo")
+    s.on_policy_shortcut = False  # the loss reads π_old from the experience, even in a rollout's first update
     from .modeling import load_causal_lm, resolve_model_path
 
     if cfg.critic == "separate":  # with lora_rank, adapters on its backbone too (OpenRLHF's LoRA critic)
@@ -172,11 +173,12 @@ def train(cfg: PPOConfig) -> runs.FitResult:
         def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
             logps, entropy, h = s.logps(s.policy, roll, rows, with_hidden=True)
             ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
+            rho, keep, sm = s.sampler_terms(exp, rows, logps, adv[rows])
             pl, m = policy_loss(logps, exp.old_logps[rows], adv[rows], exp.mask[rows], loss_cfg, ref,
-                                num_sequences=n_seq, num_tokens=n_tok)
+                                num_sequences=n_seq, num_tokens=n_tok, sampler_weights=rho, keep=keep)
             v = values(rows, h, roll)
             vl = value_loss(v, old_v[rows], returns[rows], exp.mask[rows], cfg.cliprange_value, n_tok)
-            m = {**m, "value_loss": vl.detach(), "entropy_sum": (entropy * exp.mask[rows]).sum(),
+            m = {**m, **sm, "value_loss": vl.detach(), "entropy_sum": (entropy * exp.mask[rows]).sum(),
                  "ratio_dev_sum": ((logps - exp.old_logps[rows]).abs() * exp.mask[rows]).sum().detach()}
             return (pl if least_squares else pl + cfg.vf_coef * vl), m  # least squares: already fitted
 

@@ -8,6 +8,9 @@ Notation, for a batch of B completions padded to T tokens:
     m                 completion mask, 1 on real tokens (EOS included)            (B, T)
     A                 advantages: one per sequence (B,) or one per token (B, T)
     w = exp(π - π_old)                the importance weight of seed §5
+    π_s               log-probs of the sampled tokens as the rollout engine reported them (vLLM,
+                      or tether's engine in another dtype than the trainer's)            (B, T)
+    ρ = exp(π_old - π_s)              the sampler-mismatch weight (:func:`sampler_weights`)
 
 Every loss here returns the *sum* over the micro-batch divided by a normaliser that describes the
 whole optimizer batch (``num_sequences``, ``num_tokens``). Gradient accumulation then adds up to the
@@ -139,6 +142,7 @@ class _Terms:
     adv: torch.Tensor  # (B, 1) or (B, T)
     mask: torch.Tensor
     cfg: PolicyLossConfig
+    rho: torch.Tensor | None = None  # sampler-mismatch weights (B, T), or None
 
 
 def _clipped(t: _Terms) -> torch.Tensor:
@@ -165,7 +169,10 @@ def _vespo(t: _Terms) -> torch.Tensor:
     """VESPO: -sg(φ(W)) A π, φ(W) = exp(λ + k log W - λ W) of the sequence ratio W = Π_t w_t."""
     c, lo = t.cfg, math.log(1e-8)
     with torch.no_grad():
-        log_w = (t.log_ratio.clamp(-20, 20) * t.mask).sum(-1, keepdim=True).clamp(lo, 20.0)
+        log_w = (t.log_ratio.clamp(-20, 20) * t.mask).sum(-1, keepdim=True)
+        if t.rho is not None:  # W = Π_t w_t ρ_t: the mismatch weights join the sequence ratio (as TRL)
+            log_w = log_w + t.rho.log().clamp(lo, 20.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(lo, 20.0)
         pos = t.adv >= 0
         k = torch.where(pos, c.vespo_k_pos, c.vespo_k_neg)
         lam = torch.where(pos, c.vespo_lambda_pos, c.vespo_lambda_neg).clamp(min=1e-4)
@@ -211,12 +218,18 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation, num
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
                 mask: torch.Tensor, cfg: PolicyLossConfig, ref_logps: torch.Tensor | None = None,
                 num_sequences: int | None = None, num_tokens: float | None = None,
+                sampler_weights: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped, importance-weighted policy-gradient loss of seed §5-§7 with an optional KL term.
 
     ``old_logps`` None means on-policy: π_old = sg(π), so w = 1 in value and carries gradient (TRL's
     behaviour with one update per rollout). ``advantages`` (B,) or (B, T). ``num_sequences`` and
     ``num_tokens`` describe the whole optimizer batch (default: this micro-batch).
+
+    ``sampler_weights`` ρ ((B, T) or (B, 1), from :func:`sampler_weights`) multiply the policy term
+    of each token, not the KL term: the tokens were drawn by the sampler, not by π_old (VESPO takes
+    them into its sequence ratio instead, and needs them per token). ``keep`` ((B, 1) or (B, T),
+    from :func:`off_policy_mask`) zeroes the policy term of what it drops. The order is TRL 1.16's.
 
     Returns (loss, metrics): metrics are sums over this micro-batch, to be divided by the batch's token
     count (``kl_sum``, ``clip_low``, ``clip_high`` are token sums) so that they accumulate exactly too.
@@ -234,8 +247,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     else:
         raise ValueError(f"importance_level must be 'token' or 'sequence', not {cfg.importance_level!r}")
     w = log_w.exp()
-    terms = _Terms(logps, log_ratio, w, adv, mask, cfg)
+    if sampler_weights is not None and cfg.loss_type == "vespo" and sampler_weights.shape != logps.shape:
+        raise ValueError("vespo takes the sampler's weights per token (a token_* sampler correction)")
+    terms = _Terms(logps, log_ratio, w, adv, mask, cfg, sampler_weights if cfg.loss_type == "vespo" else None)
     per_token = PER_TOKEN[cfg.loss_type](terms)
+    if keep is not None:
+        per_token = per_token * keep
+    if sampler_weights is not None and cfg.loss_type != "vespo":
+        per_token = per_token * sampler_weights
 
     metrics: dict[str, torch.Tensor] = {}
     if cfg.beta:
@@ -259,6 +278,54 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
         metrics["clip_high"] = (high * mask).sum().detach()
     metrics["tokens"] = mask.sum().detach()
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler mismatch (seed §5's π_old is the policy that sampled; an engine only approximates it)
+# ---------------------------------------------------------------------------------------------
+SamplerCorrection = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+SAMPLER_CORRECTIONS: tuple[str, ...] = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                    mode: SamplerCorrection, clip_min: float | None = None, clip_max: float | None = 3.0,
+                    ) -> torch.Tensor:
+    """The importance weight that corrects for tokens drawn by a sampler π_s which only approximates
+    the trainer's π_old (vLLM in bf16, other kernels): seed §5's estimator assumes y ~ π_old, and
+    E_{y~π_s}[ρ f(y)] = E_{y~π_old}[f(y)] with
+
+        token_*:     ρ_t = π_old(y_t) / π_s(y_t)                          (B, T)
+        sequence_*:  ρ   = Π_t π_old(y_t) / π_s(y_t)                      (B, 1)
+
+    ``*_truncate`` clips ρ to [clip_min, clip_max] (truncated IS, Yao et al. 2025: bias for bounded
+    variance); ``*_mask`` sets ρ to 0 outside it (masked IS: the sample is dropped). Detached: a
+    constant per token, as the sampler's log-probs and π_old are. Off the mask ρ = 1; a NaN sampler
+    log-prob (a token the engine could not score) gives ρ_t = 1. TRL 1.16's
+    ``vllm_importance_sampling_mode`` and ``_clip_min/_clip_max``, the same values (tested)."""
+    if mode not in SAMPLER_CORRECTIONS or mode == "none":
+        raise ValueError(f"sampler correction {mode!r}: one of {', '.join(SAMPLER_CORRECTIONS[1:])}")
+    with torch.no_grad():
+        diff = torch.nan_to_num((old_logps - sampler_logps) * mask, nan=0.0)
+        log_rho = diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff
+        rho = log_rho.exp()
+        if mode.endswith("truncate"):
+            return rho.clamp(min=clip_min, max=clip_max)
+        lo = -math.inf if clip_min is None else clip_min
+        hi = math.inf if clip_max is None else clip_max
+        return rho.masked_fill((rho < lo) | (rho > hi), 0.0)
+
+
+def off_policy_mask(advantages: torch.Tensor, logps: torch.Tensor, sampler_logps: torch.Tensor,
+                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (eq. 9): drop a completion with a negative advantage
+    whose mean per-token KL(π_s || π_θ), estimated by mean_t (π_s - π) over its tokens, exceeds
+    ``threshold``: learning to avoid what a policy far from π_θ sampled mostly adds noise. 1 keeps,
+    0 drops; (B, 1) for sequence advantages, (B, T) for token ones (PPO's). NaN log-probs count 0."""
+    with torch.no_grad():
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        kl = torch.nan_to_num(sampler_logps - logps, nan=0.0) * mask
+        mean_kl = kl.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        return ((adv >= 0) | (mean_kl <= threshold)).to(mask.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
