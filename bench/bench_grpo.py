@@ -12,6 +12,8 @@ Variants:
   grpo-default  tether's defaults where they differ: bf16 autocast where the CPU has it
   grpo-model    grpo-same with lean_forward=false: the model's own forward (transformers') for the update and
                 the reference instead of tether's packed-tree forward (the same maths, rounded differently)
+  grpo-mixed    grpo-same sampled in bf16 (rollout_dtype=bf16; training in fp32), which turns the sampler
+                correction on (sequence_mask, free with one update per rollout): the mismatch is logged
   ppo-same      PPO on the same batch: a separate critic (the costlier kind; PPO's default is a value
                 head), one update per rollout, fp32
   trl           shared/peer/bench_trl.py --trainers grpo (needs /tmp/peer-venv: bash shared/peer/setup.sh)
@@ -45,20 +47,22 @@ def tether_run(variant: str, fixture: Path, steps: int, workdir: Path) -> dict:
         args += ["loss_type=dapo", "epsilon=0.2", "scale_rewards=group", "kl_penalty=loss", "kl_estimator=k3"]
     else:
         args += ["critic=separate"]
-    if mode == "default":
+    if mode == "mixed":
+        args += ["dtype=fp32", "rollout_dtype=bf16"]
+    elif mode == "default":
         from tether.modeling import default_dtype
 
         args += [f"dtype={default_dtype()}"]
     else:
         args += ["dtype=fp32"] + (["lean_forward=false"] if mode == "model" else [])
-    d = run_tether(out, ["tokens", *TIMES], args)
+    d = run_tether(out, ["tokens", "logp_gap", *TIMES], args)
     recs = d["recs"]
     walls = [x["wall"] for x in recs]
     steady = [b - a for a, b in zip(walls, walls[1:])][1:]  # steps 3..N
     rest = recs[2:]
     split = {k: statistics.mean(x[f"time/{k}"] for x in rest) for k in ("generate", "reference", "update")}
     return {"s_per_step": statistics.mean(steady), "tokens_per_s": sum(x["tokens"] for x in rest) / sum(steady),
-            "rss_mib": d["rss_mib"], "split": split}
+            "rss_mib": d["rss_mib"], "split": split, "logp_gap": statistics.mean(x["logp_gap"] for x in rest)}
 
 
 def trl_run(fixture: Path, steps: int, workdir: Path) -> dict | None:
@@ -84,7 +88,7 @@ def main() -> None:
     trl = rows.get("trl")
     trl_s = statistics.median(r["s_per_step"] for r in trl) if trl else None
     print(f"{'variant':<13} {'s/step':>7} {'tok/s':>7} {'vs TRL GRPO':>11} {'generate':>9} {'reference':>9} "
-          f"{'update':>7} {'RSS MiB':>8}")
+          f"{'update':>7} {'RSS MiB':>8} {'logp gap':>9}")
     for v in variants:
         rs = rows.get(v)
         if not rs:
@@ -93,7 +97,7 @@ def main() -> None:
         sp = med["split"]
         speed = f"{trl_s / med['s_per_step']:.2f}x" if trl_s else "-"
         print(f"{v:<13} {med['s_per_step']:7.3f} {med['tokens_per_s']:7.0f} {speed:>11} {sp['generate']:9.3f} "
-              f"{sp['reference']:9.3f} {sp['update']:7.3f} {med['rss_mib']:8.0f}")
+              f"{sp['reference']:9.3f} {sp['update']:7.3f} {med['rss_mib']:8.0f} {med.get('logp_gap', float('nan')):9.1e}")
     print(f"(median of {args.repeats} repeats, {args.steps} steps each; trl's 'update' is everything but generate; "
           f"runs in {work})")
 

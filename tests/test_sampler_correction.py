@@ -192,10 +192,10 @@ def test_auto_turns_on_for_another_sampling_dtype():
     from tether import grpo
 
     assert grpo.GRPOConfig(dtype="fp32").sampler_mode() == "none"
-    assert grpo.GRPOConfig(dtype="fp32", rollout_dtype="bf16").sampler_mode() == "sequence_mask"
+    assert grpo.GRPOConfig(dtype="fp32", rollout_dtype="bf16").sampler_mode() == "token_truncate"
     assert grpo.GRPOConfig(dtype="bf16", rollout_dtype="bf16").sampler_mode() == "none"
-    assert grpo.GRPOConfig(dtype="fp32", engine="vllm").sampler_mode() == "sequence_mask"
-    assert grpo.GRPOConfig(dtype="fp32", engine="vllm", loss_type="vespo").sampler_mode() == "token_mask"
+    assert grpo.GRPOConfig(dtype="fp32", engine="vllm").sampler_mode() == "token_truncate"
+    assert grpo.GRPOConfig(dtype="fp32", engine="vllm", loss_type="vespo").sampler_mode() == "token_truncate"
     from tether.config import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="vespo"):

@@ -38,19 +38,10 @@ class GRPOConfig(OnlineConfig):
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 
     @model_validator(mode="after")
-    def _vespo_sampler(self):
-        self.sampler_mode()  # refuses vespo with a sequence-level sampler correction
+    def _vespo_sampler(self):  # VESPO folds the sampler's weights into its sequence ratio, per token (as TRL)
+        if self.loss_type == "vespo" and self.sampler_mode().startswith("sequence"):
+            raise ValueError(f"loss_type=vespo needs a token_* sampler_correction, not {self.sampler_correction}")
         return self
-
-    def sampler_mode(self) -> str:
-        """VESPO folds the sampler's weights into its sequence ratio per token: ``auto`` picks TRL's
-        sequence_mask's per-token counterpart there, and a sequence mode is refused."""
-        mode = super().sampler_mode()
-        if self.loss_type == "vespo" and mode.startswith("sequence"):
-            if self.sampler_correction != "auto":
-                raise ValueError(f"loss_type=vespo needs a token_* sampler_correction, not {mode}")
-            return "token_mask"
-        return mode
 
     def loss_config(self) -> PolicyLossConfig:
         if self.loss_type not in LOSS_TYPES:

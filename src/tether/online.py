@@ -78,7 +78,7 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="engine=vllm: the share of the GPU's memory vLLM keeps (weights, KV cache)")
     ema_decay: float = Field(0.95, ge=0, lt=1, description="exponential moving average of the policy's weights after each step, from the starting model (OpenRLHF's enable_ema): the model evaluated and saved as final/; the last iterate stays in the last checkpoint. 0: off, final/ is the last iterate. It averages out the noise of small-batch policy gradients (README)")
     rollout_dtype: Literal["same", "fp32", "bf16"] = Field("same", description="what the engine samples (and evaluates) in: 'same' as dtype, when the sampler's log-probs are the trainer's up to float rounding; bf16 while training in fp32 samples faster where the CPU has bf16 units, as vLLM in bf16 does on a GPU, and its log-probs then differ from the trainer's (see sampler_correction)")
-    sampler_correction: Literal["auto", *SAMPLER_CORRECTIONS] = Field("auto", description="correct for a sampler that only approximates the trainer's π_old (vLLM, rollout_dtype): weight each token's policy loss by ρ = π_old/π_sampler, per token or per sequence, truncated to [sampler_clip_min, sampler_clip_max] or masked to 0 outside it (TRL's vllm_importance_sampling_mode). π_old is then the trainer's own forward (one more no-grad forward a step, except GRPO/REINFORCE with one update per rollout). auto: sequence_mask (TRL's default) where the sampler is vLLM or samples in another dtype, none where it is the trainer's own forward (README)")
+    sampler_correction: Literal["auto", *SAMPLER_CORRECTIONS] = Field("auto", description="correct for a sampler that only approximates the trainer's π_old (vLLM, rollout_dtype): weight each token's policy loss by ρ = π_old/π_sampler, per token or per sequence, truncated to [sampler_clip_min, sampler_clip_max] or masked to 0 outside it (TRL's vllm_importance_sampling_mode). π_old is then the trainer's own forward (one more no-grad forward a step, except GRPO/REINFORCE with one update per rollout). auto: token_truncate where the sampler is vLLM or samples in another dtype, none where it is the trainer's own forward (README)")
     sampler_clip_min: float | None = Field(None, ge=0, description="lower bound of the sampler correction's ρ (None: none)")
     sampler_clip_max: float | None = Field(3.0, gt=0, description="upper bound of the sampler correction's ρ (None: none; TRL's default 3)")
     off_policy_mask_threshold: float | None = Field(None, ge=0, description="DeepSeek-V3.2's off-policy sequence mask: no policy loss on a completion with a negative advantage whose mean per-token log π_sampler - log π_θ exceeds this (e.g. 0.5); None: off")
@@ -88,11 +88,14 @@ class OnlineConfig(runs.RunConfig, LoraFields):
         return self.dtype if self.rollout_dtype == "same" else self.rollout_dtype
 
     def sampler_mode(self) -> str:
-        """``sampler_correction`` with ``auto`` resolved: on (TRL's sequence_mask) where the sampler
-        is not the trainer's own forward in the trainer's dtype."""
+        """``sampler_correction`` with ``auto`` resolved: token_truncate (truncated importance sampling,
+        Yao et al. 2025) where the sampler is not the trainer's own forward in the trainer's dtype. TRL
+        defaults to sequence_mask; from the shipped SFT model, fp32 training on bf16 samples, GRPO seeds
+        0/1/2 gained +15.0/+12.0/+13.0 points with token_truncate, +8.0/+7.7/+12.3 with sequence_mask,
+        +10.3/+10.3/+11.7 uncorrected (README)."""
         if self.sampler_correction != "auto":
             return self.sampler_correction
-        return "sequence_mask" if self.engine == "vllm" or self.sampling_dtype() != self.dtype else "none"
+        return "token_truncate" if self.engine == "vllm" or self.sampling_dtype() != self.dtype else "none"
 
 
 @dataclass
