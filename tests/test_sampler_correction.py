@@ -200,3 +200,19 @@ def test_auto_turns_on_for_another_sampling_dtype():
 
     with pytest.raises((ConfigError, ValueError), match="vespo"):
         grpo.GRPOConfig(loss_type="vespo", sampler_correction="sequence_truncate")
+
+
+@pytest.mark.parametrize("rollout_dtype", ["same", "bf16"])
+def test_ppo_takes_the_engines_states_only_in_the_trainers_dtype(tiny_model, tmp_path, monkeypatch, rollout_dtype):
+    """A value head's old values read the states the engine sampled from, which a bf16 sampler computes
+    in bf16: for an fp32 trainer they come from its own forward instead."""
+    from tether import ppo, rollout
+
+    asked = []
+    generate = rollout.TorchEngine.generate
+    monkeypatch.setattr(rollout.TorchEngine, "generate",
+                        lambda self, p, params: asked.append(params.return_hidden) or generate(self, p, params))
+    ppo.train(ppo.PPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2,
+                            num_generations=2, max_new_tokens=4, eval_data="none", progress=False, report=False,
+                            dtype="fp32", rollout_dtype=rollout_dtype, ema_decay=0.0))
+    assert asked == [rollout_dtype == "same"]

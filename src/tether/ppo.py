@@ -138,7 +138,8 @@ def train(cfg: PPOConfig) -> runs.FitResult:
     # the engine keeps the states it sampled from, the old values' input, where they fit in memory (a
     # second no-grad forward of the policy otherwise: ~0.2 s of a 1.26 s quickstart step)
     kept = cfg.prompts_per_step * cfg.num_generations * cfg.max_new_tokens * s.policy.config.hidden_size * 4
-    if cfg.critic == "head" and kept <= HIDDEN_BUDGET:
+    # and where it samples in the trainer's dtype: a bf16 sampler's states are not an fp32 trainer's
+    if cfg.critic == "head" and kept <= HIDDEN_BUDGET and cfg.sampling_dtype() == cfg.dtype:
         s.params = dataclasses.replace(s.params, return_hidden=True)
 
     s.begin()
