@@ -132,6 +132,8 @@ def test_masked_correction_drops_exactly_the_mismatched_tokens(tiny_model, tmp_p
         # one token of every completion is dropped: 8 completions of 1-6 tokens
         assert m["sampler_dropped"] == pytest.approx(8 / (m["completion_length"] * 8), rel=1e-6)
         assert m["sampler_ratio_max"] == pytest.approx(1.0, abs=1e-4)  # the others agree to float noise
+        assert m["sampler_gap_max"] == pytest.approx(SHIFT, abs=1e-4)  # the mismatch, before any update
+        assert m["sampler_gap"] == pytest.approx(SHIFT / m["completion_length"], rel=1e-3)
         assert ("time/old_logps" in m) == (mini_batches > 1)
 
 

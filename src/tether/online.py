@@ -4,7 +4,8 @@
     2. score        the reward set scores the texts (invalid scores by its documented policy)
     3. advantages   algorithm-specific (the caller's loop)
     4. update       epochs × shuffled mini-batches of the stored rollout, importance-weighted
-                    against the sampling policy; then π_old ← π_θ (the engine samples from π_θ)
+                    against π_old (the sampler's log-probs, or the trainer's own with ρ = π_old/π_sampler
+                    under a sampler correction); then π_old ← π_θ (the engine samples from π_θ)
 
 :class:`Session` owns the models, the engine, the optimizer, the logger and checkpoints, so that each
 algorithm's own module is one loop that reads like the list above. Each stage is a method with plain
@@ -78,7 +79,7 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="engine=vllm: the share of the GPU's memory vLLM keeps (weights, KV cache)")
     ema_decay: float = Field(0.95, ge=0, lt=1, description="exponential moving average of the policy's weights after each step, from the starting model (OpenRLHF's enable_ema): the model evaluated and saved as final/; the last iterate stays in the last checkpoint. 0: off, final/ is the last iterate. It averages out the noise of small-batch policy gradients (README)")
     rollout_dtype: Literal["same", "fp32", "bf16"] = Field("same", description="what the engine samples (and evaluates) in: 'same' as dtype, when the sampler's log-probs are the trainer's up to float rounding; bf16 while training in fp32 samples faster where the CPU has bf16 units, as vLLM in bf16 does on a GPU, and its log-probs then differ from the trainer's (see sampler_correction)")
-    sampler_correction: Literal["auto", *SAMPLER_CORRECTIONS] = Field("auto", description="correct for a sampler that only approximates the trainer's π_old (vLLM, rollout_dtype): weight each token's policy loss by ρ = π_old/π_sampler, per token or per sequence, truncated to [sampler_clip_min, sampler_clip_max] or masked to 0 outside it (TRL's vllm_importance_sampling_mode). π_old is then the trainer's own forward (one more no-grad forward a step, except GRPO/REINFORCE with one update per rollout). auto: token_truncate where the sampler is vLLM or samples in another dtype, none where it is the trainer's own forward (README)")
+    sampler_correction: Literal[("auto", *SAMPLER_CORRECTIONS)] = Field("auto", description="correct for a sampler that only approximates the trainer's π_old (vLLM, rollout_dtype): weight each token's policy loss by ρ = π_old/π_sampler, per token or per sequence, truncated to [sampler_clip_min, sampler_clip_max] or masked to 0 outside it (TRL's vllm_importance_sampling_mode). π_old is then the trainer's own forward (one more no-grad forward a step, except GRPO/REINFORCE with one update per rollout). auto: token_truncate where the sampler is vLLM or samples in another dtype, none where it is the trainer's own forward (README)")
     sampler_clip_min: float | None = Field(None, ge=0, description="lower bound of the sampler correction's ρ (None: none)")
     sampler_clip_max: float | None = Field(3.0, gt=0, description="upper bound of the sampler correction's ρ (None: none; TRL's default 3)")
     off_policy_mask_threshold: float | None = Field(None, ge=0, description="DeepSeek-V3.2's off-policy sequence mask: no policy loss on a completion with a negative advantage whose mean per-token log π_sampler - log π_θ exceeds this (e.g. 0.5); None: off")
@@ -436,7 +437,8 @@ class Session:
         """The sampler correction's weights ρ and the off-policy mask for micro-batch ``rows`` with
         policy log-probs ``logps`` and advantages ``adv`` (None where off), and their metrics: ρ's token
         mean (``sampler_ratio``), extremes and the share of tokens it zeroes (``sampler_dropped``), the
-        share the off-policy mask drops (``off_policy_dropped``)."""
+        mismatch itself, |log π_old - log π_sampler| per token (``sampler_gap``, mean and max: TRL's
+        ``sampling_logp_difference``), the share the off-policy mask drops (``off_policy_dropped``)."""
         mask, sampled = exp.mask[rows], exp.rollout.logprobs[rows]
         rho = keep = None
         m: dict[str, torch.Tensor] = {}
@@ -445,10 +447,13 @@ class Session:
             old = exp.old_logps[rows] if exp.old_from_trainer else logps.detach()
             rho = sampler_weights(old, sampled, mask, self.correction, self.cfg.sampler_clip_min,
                                   self.cfg.sampler_clip_max)
-            per_token = rho.expand_as(mask)[mask.bool()]
-            m = {"sampler_ratio_sum": per_token.sum(), "sampler_dropped_sum": (per_token == 0).sum()}
+            real = mask.bool()
+            per_token, gap = rho.expand_as(mask)[real], (old - sampled).abs()[real]
+            m = {"sampler_ratio_sum": per_token.sum(), "sampler_dropped_sum": (per_token == 0).sum(),
+                 "sampler_gap_sum": gap.nansum()}
             if len(per_token):
-                m.update(sampler_ratio_max=per_token.max(), sampler_ratio_min=per_token.min())
+                m.update(sampler_ratio_max=per_token.max(), sampler_ratio_min=per_token.min(),
+                         sampler_gap_max=gap.nan_to_num(0.0).max())
         if self.cfg.off_policy_mask_threshold is not None:
             keep = off_policy_mask(adv, logps, sampled, mask, self.cfg.off_policy_mask_threshold)
             m["off_policy_dropped_sum"] = ((1 - keep) * mask).sum()

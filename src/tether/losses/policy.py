@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -284,7 +284,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
 # Sampler mismatch (seed §5's π_old is the policy that sampled; an engine only approximates it)
 # ---------------------------------------------------------------------------------------------
 SamplerCorrection = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
-SAMPLER_CORRECTIONS: tuple[str, ...] = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+SAMPLER_CORRECTIONS: tuple[str, ...] = get_args(SamplerCorrection)
 
 
 def sampler_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
@@ -292,7 +292,8 @@ def sampler_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: 
                     ) -> torch.Tensor:
     """The importance weight that corrects for tokens drawn by a sampler π_s which only approximates
     the trainer's π_old (vLLM in bf16, other kernels): seed §5's estimator assumes y ~ π_old, and
-    E_{y~π_s}[ρ f(y)] = E_{y~π_old}[f(y)] with
+    E_{y~π_s}[ρ f(y)] = E_{y~π_old}[f(y)] for the sequence's ratio; the token's ignores its prefix's,
+    trading that bias for variance:
 
         token_*:     ρ_t = π_old(y_t) / π_s(y_t)                          (B, T)
         sequence_*:  ρ   = Π_t π_old(y_t) / π_s(y_t)                      (B, 1)
