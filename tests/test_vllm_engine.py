@@ -152,6 +152,8 @@ def test_grpo_samples_from_vllm_with_the_policys_weights(tiny_model, tmp_path, s
     assert len(recs) == 3 and stand_in[0].resets == 3
     assert len(stand_in[0].seeds) == 3 * 2
     assert all(m["logp_gap"] < 1e-4 for m in recs), [m["logp_gap"] for m in recs]
+    # with vLLM the sampler correction is on by default (token_truncate): here its ρ is 1 to float noise
+    assert all(m["sampler_gap_max"] < 1e-4 and abs(m["sampler_ratio"] - 1) < 1e-4 for m in recs)
     moved = load_causal_lm(r.final_dir).model.layers[0].mlp.up_proj.weight
     assert not torch.equal(moved, load_causal_lm(tiny_model).model.layers[0].mlp.up_proj.weight)
 
