@@ -3,6 +3,7 @@ DeepSeek-V3.2's off-policy sequence mask: against TRL 1.16.0's own code on fixed
 (``tests/assets/trl_sampler_reference.json``, made by the script beside it), then in the trainers."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -204,17 +205,56 @@ def test_auto_turns_on_for_another_sampling_dtype():
         grpo.GRPOConfig(loss_type="vespo", sampler_correction="sequence_truncate")
 
 
-@pytest.mark.parametrize("rollout_dtype", ["same", "bf16"])
-def test_ppo_takes_the_engines_states_only_in_the_trainers_dtype(tiny_model, tmp_path, monkeypatch, rollout_dtype):
+@pytest.mark.parametrize("rollout_dtype,correction,forwards", [
+    ("same", "auto", False),  # the engine's states, sampled in the trainer's dtype
+    ("bf16", "auto", False),  # the states of the trainer's forward of π_old for the correction
+    ("bf16", "none", True),  # a forward of their own
+])
+def test_ppo_value_head_states_come_from_a_forward_in_the_trainers_dtype(tiny_model, tmp_path, monkeypatch,
+                                                                           rollout_dtype, correction, forwards):
     """A value head's old values read the states the engine sampled from, which a bf16 sampler computes
-    in bf16: for an fp32 trainer they come from its own forward instead."""
-    from tether import ppo, rollout
+    in bf16: for an fp32 trainer they come from the trainer's forward instead, the one a sampler
+    correction runs for π_old when there is one."""
+    from tether import online, ppo, rewards, rollout
 
-    asked = []
-    generate = rollout.TorchEngine.generate
+    monkeypatch.setitem(rewards.REWARDS, "by_length", _by_length)  # returns that vary: the head moves
+    asked, hidden = [], []
+    generate, forward = rollout.TorchEngine.generate, online.Session.hidden
     monkeypatch.setattr(rollout.TorchEngine, "generate",
                         lambda self, p, params: asked.append(params.return_hidden) or generate(self, p, params))
-    ppo.train(ppo.PPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2,
-                            num_generations=2, max_new_tokens=4, eval_data="none", progress=False, report=False,
-                            dtype="fp32", rollout_dtype=rollout_dtype, ema_decay=0.0))
-    assert asked == [rollout_dtype == "same"]
+    monkeypatch.setattr(online.Session, "hidden", lambda self, *a: hidden.append(1) or forward(self, *a))
+    r = ppo.train(ppo.PPOConfig(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=2,
+                                prompts_per_step=2, num_generations=2, max_new_tokens=4, eval_data="none",
+                                progress=False, report=False, dtype="fp32", rollout_dtype=rollout_dtype,
+                                sampler_correction=correction, ema_decay=0.0, lr=1e-2, reward="by_length"))
+    assert asked == [rollout_dtype == "same"] * 2
+    assert bool(hidden) == forwards
+    recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(math.isfinite(m["value_loss"]) for m in recs) and recs[-1]["value_mean"] != 0
+
+
+def test_ppo_old_values_from_the_correction_forward_equal_a_forward_of_their_own(tiny_model, tmp_path, monkeypatch):
+    """The states kept from the trainer's forward of π_old give the old values a separate forward of the
+    policy gives (to float rounding: the two batch the rows differently)."""
+    from tether import online, ppo, rewards
+
+    monkeypatch.setitem(rewards.REWARDS, "by_length", _by_length)
+    cfg = dict(model=str(tiny_model), max_steps=3, prompts_per_step=2, num_generations=4, max_new_tokens=6,
+               eval_data="none", progress=False, report=False, dtype="fp32", rollout_dtype="bf16", ema_decay=0.0,
+               lr=1e-2, reward="by_length")
+    kept = ppo.train(ppo.PPOConfig(output_dir=str(tmp_path / "a"), **cfg))
+    experience = online.Session.experience
+
+    def without_states(self, *a, **kw):
+        exp = experience(self, *a, **kw)
+        exp.extra.pop("states", None)
+        return exp
+
+    monkeypatch.setattr(online.Session, "experience", without_states)
+    own = ppo.train(ppo.PPOConfig(output_dir=str(tmp_path / "b"), **cfg))
+    a, b = ([json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+            for r in (kept, own))
+    assert a[-1]["value_mean"] != 0
+    for x, y in zip(a, b):
+        for k in ("value_mean", "explained_variance", "loss"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), (k, x["step"])

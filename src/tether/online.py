@@ -309,10 +309,13 @@ class Session:
         self.timings["time/reward"] = time.perf_counter() - t
         return rewards, metrics
 
-    def experience(self, roll: Rollout, rewards: torch.Tensor, keep: torch.Tensor | None = None) -> Experience:
-        """The loss mask (dropped and, optionally, truncated completions carry none) and the
-        reference log-probs (one no-grad forward) when a KL is in play. ``keep`` (N,) bool restricts
-        the update, and the reference forward, to those completions."""
+    def experience(self, roll: Rollout, rewards: torch.Tensor, keep: torch.Tensor | None = None,
+                   states: bool = False) -> Experience:
+        """The loss mask (dropped and, optionally, truncated completions carry none), the reference
+        log-probs (one no-grad forward) when a KL is in play, and under a sampler correction the
+        trainer's own π_old (another; with ``states``, the last layer's states it computed are kept in
+        ``extra["states"]`` (N, L, H) for a value head). ``keep`` (N,) bool restricts the update, and
+        the forwards, to those completions."""
         mask = roll.mask.float()
         mask[torch.isnan(rewards)] = 0
         if self.cfg.mask_truncated_completions:
@@ -326,23 +329,32 @@ class Session:
         if self.ref is not None:
             t = time.perf_counter()
             with lora.as_reference(self.ref):
-                ref = self._no_grad_logps(self.ref, roll, rows)
+                ref, _ = self._no_grad_logps(self.ref, roll, rows)
             self.timings["time/reference"] = time.perf_counter() - t
-        old, trainer = roll.logprobs, False
+        exp = Experience(roll, rewards, mask, roll.logprobs, ref, rows)
         single = self.on_policy_shortcut and self.cfg.epochs * self.cfg.mini_batches == 1
         if self.correction != "none" and not single:  # seed §5's π_old is the trainer's, not the sampler's
             t = time.perf_counter()
-            old, trainer = self._no_grad_logps(self.policy, roll, rows), True
+            exp.old_logps, kept = self._no_grad_logps(self.policy, roll, rows, states)
+            exp.old_from_trainer = True
+            if kept is not None:
+                exp.extra["states"] = kept
             self.timings["time/old_logps"] = time.perf_counter() - t
-        return Experience(roll, rewards, mask, old, ref, rows, old_from_trainer=trainer)
+        return exp
 
-    def _no_grad_logps(self, model, roll: Rollout, rows: torch.Tensor) -> torch.Tensor:
-        """(N, L) log-probs of rollout ``rows`` under ``model`` (zeros elsewhere), micro-batched."""
-        out = torch.zeros(roll.mask.shape)
+    def _no_grad_logps(self, model, roll: Rollout, rows: torch.Tensor, states: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, L) log-probs of rollout ``rows`` under ``model`` (zeros elsewhere), micro-batched, and
+        with ``states`` the (N, L, H) last-layer states they came from."""
+        out, kept = torch.zeros(roll.mask.shape), None
         with torch.no_grad():
             for mb in self._chunks(rows, roll):
-                out[mb] = self.logps(model, roll, mb, with_entropy=False)[0]
-        return out
+                lp, _, *h = self.logps(model, roll, mb, with_hidden=states, with_entropy=False)
+                out[mb] = lp
+                if states:
+                    kept = h[0].new_zeros(*roll.mask.shape, h[0].shape[-1]) if kept is None else kept
+                    kept[mb] = h[0]
+        return out, kept
 
     def kl_reward(self, exp: Experience) -> torch.Tensor:
         """-β · KL_t per token (the reward-penalty form of seed §4), (N, L); zeros when β = 0."""

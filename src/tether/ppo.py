@@ -139,20 +139,24 @@ def train(cfg: PPOConfig) -> runs.FitResult:
     # second no-grad forward of the policy otherwise: ~0.2 s of a 1.26 s quickstart step)
     kept = cfg.prompts_per_step * cfg.num_generations * cfg.max_new_tokens * s.policy.config.hidden_size * 4
     # and where it samples in the trainer's dtype: a bf16 sampler's states are not an fp32 trainer's
-    if cfg.critic == "head" and kept <= HIDDEN_BUDGET and cfg.sampling_dtype() == cfg.dtype:
+    keep_states = cfg.critic == "head" and kept <= HIDDEN_BUDGET
+    if keep_states and cfg.sampling_dtype() == cfg.dtype:
         s.params = dataclasses.replace(s.params, return_hidden=True)
 
     s.begin()
     for step in s.steps():
         idx, roll = s.rollout()                                                  # 1. sample
         rewards, reward_metrics = s.score(idx, roll)                             # 2. score
-        exp = s.experience(roll, rewards)
+        # a sampler correction's forward of π_old also yields the value head's states (else one more)
+        exp = s.experience(roll, rewards, states=keep_states and roll.hidden is None)
         chunks = torch.arange(len(exp)).split(cfg.micro_batch_size)
 
         def head_states(mb: torch.Tensor) -> torch.Tensor:
-            """The value head's input: the states the engine sampled from, or a forward (vLLM, or
-            more than HIDDEN_BUDGET of them)."""
-            return roll.hidden[mb] if roll.hidden is not None else s.hidden(s.policy, roll, mb)
+            """The value head's input: the states the engine sampled from, or those of the trainer's
+            forward of π_old, or a forward (vLLM, another sampling dtype, more than HIDDEN_BUDGET)."""
+            if roll.hidden is not None:
+                return roll.hidden[mb]
+            return exp.extra["states"][mb] if "states" in exp.extra else s.hidden(s.policy, roll, mb)
 
         with torch.no_grad():                                                    # 3. values, GAE
             if cfg.critic == "head" and roll.hidden is not None:
