@@ -100,9 +100,10 @@ def _by_length(prompts, completions, meta):
     return [float(len(c) % 5) for c in completions]
 
 
-def run(module, cls, tiny_model, tmp_path, monkeypatch, shift_all=False, shift=SHIFT, **kw):
+def run(module, cls, tiny_model, tmp_path, monkeypatch, shift_all=False, shift=SHIFT, unscored=None, **kw):
     """A few steps where the engine reports each completion's first token ``shift`` nats less likely
-    than it sampled it (every token, with ``shift_all``), as a sampler that rounds differently would."""
+    than it sampled it (every token, with ``shift_all``), as a sampler that rounds differently would,
+    or reports ``unscored`` (NaN, -inf) for it, as an engine that could not score it."""
     from tether import rollout, rewards
 
     monkeypatch.setitem(rewards.REWARDS, "by_length", _by_length)
@@ -112,7 +113,10 @@ def run(module, cls, tiny_model, tmp_path, monkeypatch, shift_all=False, shift=S
         r = generate(self, prompts, params)
         if params.temperature > 0:  # not the greedy evaluation
             which = r.mask.float() if shift_all else torch.zeros_like(r.logprobs).index_fill_(1, torch.tensor([0]), 1.0)
-            r.logprobs -= shift * which * r.mask
+            if unscored is None:
+                r.logprobs -= shift * which * r.mask
+            else:
+                r.logprobs[(which * r.mask).bool()] = unscored
         return r
 
     monkeypatch.setattr(rollout.TorchEngine, "generate", skewed)
@@ -160,6 +164,27 @@ def test_no_correction_leaves_the_update_alone(tiny_model, tmp_path, monkeypatch
     plain = run(grpo, grpo.GRPOConfig, tiny_model, tmp_path / "b", monkeypatch, mini_batches=1)
     assert "sampler_ratio" not in skewed[0]
     assert [m["loss"] for m in skewed] == [m["loss"] for m in plain]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("unscored", [float("nan"), float("-inf")])
+def test_unscored_sampler_tokens_take_the_trainers_old_log_probs(tiny_model, tmp_path, monkeypatch, algo, unscored):
+    """Without a correction and with two updates a rollout, π_old is the sampler's log-probs; where the
+    engine could not score a token, it comes from the trainer's forward instead: the run's losses and
+    KL equal those of a run whose engine scored every token, and the tokens are counted."""
+    import importlib
+
+    module = importlib.import_module(f"tether.{algo}")
+    cls = module.GRPOConfig if algo == "grpo" else module.PPOConfig
+    kw = dict(sampler_correction="none", mini_batches=2, beta=0.04)
+    bad = run(module, cls, tiny_model, tmp_path / "a", monkeypatch, unscored=unscored, **kw)
+    monkeypatch.undo()
+    clean = run(module, cls, tiny_model, tmp_path / "b", monkeypatch, shift=0.0, **kw)
+    assert [m["sampler_nonfinite"] for m in bad] == [8.0, 8.0]  # one token of each of the 8 completions
+    assert "sampler_nonfinite" not in clean[0]
+    for b, c in zip(bad, clean):
+        assert b["loss"] == pytest.approx(c["loss"], rel=1e-4, abs=1e-6)
+        assert b["kl"] == pytest.approx(c["kl"], rel=1e-4, abs=1e-6)
 
 
 def test_ppo_reads_the_trainers_old_log_probs(tiny_model, tmp_path, monkeypatch):

@@ -110,6 +110,7 @@ class Experience:
     rows: torch.Tensor  # (n,) the completions the update trains on (all, unless groups were filtered)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # advantages, values, returns…
     old_from_trainer: bool = False  # old_logps recomputed by the trainer (a sampler correction is on)
+    sampler_nonfinite: int = 0  # loss-carrying tokens whose sampler log-prob was NaN or ±inf
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -332,8 +333,11 @@ class Session:
                 ref, _ = self._no_grad_logps(self.ref, roll, rows)
             self.timings["time/reference"] = time.perf_counter() - t
         exp = Experience(roll, rewards, mask, roll.logprobs, ref, rows)
+        # an engine that could not score a token (vLLM can return NaN or -inf) must not reach a ratio or
+        # the KL: π_old then comes from the trainer, whatever the correction
+        exp.sampler_nonfinite = int((~torch.isfinite(roll.logprobs) & mask.bool()).sum())
         single = self.on_policy_shortcut and self.cfg.epochs * self.cfg.mini_batches == 1
-        if self.correction != "none" and not single:  # seed §5's π_old is the trainer's, not the sampler's
+        if exp.sampler_nonfinite or (self.correction != "none" and not single):  # seed §5: π_old is the trainer's
             t = time.perf_counter()
             exp.old_logps, kept = self._no_grad_logps(self.policy, roll, rows, states)
             exp.old_from_trainer = True
@@ -438,7 +442,7 @@ class Session:
             m.update(sm)
             # |log π_θ - log π_sampler| per token: 0 up to float noise before the first update, when the
             # trainer and the rollout engine see the same weights (their agreement, measured every step)
-            gap = ((logps.detach() - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]).sum()
+            gap = ((logps.detach() - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]).nansum()
             return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum(), "logp_gap_sum": gap}
 
         return loss_fn
@@ -483,6 +487,8 @@ class Session:
                   "tokens": float(exp.rollout.mask.sum() + sum(map(len, exp.rollout.prompt_ids))),
                   **metrics, **self.timings}
         record["tok_per_s"] = record["tokens"] / dt  # prompt + completion tokens, TRL's count
+        if exp.sampler_nonfinite:
+            record["sampler_nonfinite"] = float(exp.sampler_nonfinite)
         if exp.ref_logps is not None:
             seq_kl = (kl_estimate(exp.old_logps, exp.ref_logps, "k3") * exp.rollout.mask).sum(-1)[exp.rows]
             if len(seq_kl):  # per sequence, of the sampling policy (k3), over the completions trained on
