@@ -20,8 +20,8 @@ def small(cls, tiny_model, tmp_path, **kw):
     return cls(**{**base, **kw})
 
 
-def metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(run_dir, name="metrics.jsonl"):
+    return [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +139,15 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
         assert "kl" in steps[-1] and steps[-1]["kl"] >= 0
     assert r.eval_before is not None and r.eval_after is not None
     assert (r.final_dir / "model.safetensors").is_file()
+    # log_completions (8): each step's 8 completions, two prompts' groups of 4, with what was trained on
+    logged = metrics(r.run_dir, "completions.jsonl")
+    assert [c["step"] for c in logged] == [1] * 8 + [2] * 8 + [3] * 8
+    for c in logged:
+        assert c["prompt"].startswith("Question: What is") and isinstance(c["completion"], str)
+        assert 0 <= c["tokens"] <= 6 and isinstance(c["truncated"], bool)
+    assert len({c["prompt"] for c in logged[:8]}) == 2 and logged[0]["prompt"] == logged[3]["prompt"]
+    for step, m in zip((1, 2, 3), steps):  # the first two groups are the whole step: their mean is the logged one
+        assert sum(c["reward"] for c in logged if c["step"] == step) / 8 == pytest.approx(m["reward"], abs=1e-6)
 
 
 @pytest.mark.parametrize("cls,module,extra", [
@@ -161,6 +170,7 @@ def test_resume_continues_bit_identically(tiny_model, tmp_path, monkeypatch, cls
     a = [m for m in metrics(full.run_dir) if "loss" in m]
     b = [m for m in metrics(resumed.run_dir) if "loss" in m]
     assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert metrics(resumed.run_dir, "completions.jsonl") == metrics(full.run_dir, "completions.jsonl")
     for x, y in zip(a, b):
         for k in ("loss", "reward", "completion_length", "grad_norm"):
             assert x[k] == y[k], (k, x["step"])
@@ -329,6 +339,10 @@ def test_cli_commands(tiny_model, tmp_path, capsys, command):
     text = capsys.readouterr().out
     assert "held-out accuracy:" in text and str(out / "final") in text
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    # the report ends with the last step's logged completions (2 prompts × 2), one table row each
+    report = (out / "report.md").read_text()
+    assert "## Completions at step 2" in report
+    assert report.split("## Completions at step 2")[1].count("\n| Question: What is") == 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ tensors in and out: a distributed engine or reward worker replaces one method, n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -73,6 +74,7 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     eval_data: str = Field("auto", description="'arith', a file of {prompt, answer} rows, 'none', or 'auto' (arith when data=arith)")
     eval_samples: int = Field(200, ge=1, description="held-out prompts scored by greedy exact match")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: before and after only)")
+    log_completions: int = Field(8, ge=0, description="write this many of each step's completions (the first prompts' groups), with their prompts, rewards and lengths, to completions.jsonl in the run folder, and the last step's to the report (0: none)")
     schedule: Literal["cosine", "constant"] = Field("constant", description="learning-rate schedule after warmup")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr, in steps")
     engine: Literal["torch", "vllm"] = Field("torch", description="where completions are sampled: tether's engine on the policy itself (CPU or one GPU), or vLLM colocated on a GPU (pip install 'tether[vllm]'; tether.vllm_engine)")
@@ -294,6 +296,7 @@ class Session:
         ids = [prompt_ids(self.tokenizer, self.prompts[i]) for i in idx]
         roll = self.engine.generate(ids, self.params)
         self.timings["time/generate"] = time.perf_counter() - t
+        self._step_prompts = idx
         return idx, roll
 
     def score(self, idx: list[int], roll: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
@@ -495,6 +498,7 @@ class Session:
                 record["kl"] = float(seq_kl.mean())
                 self.kl.update(record["kl"], len(seq_kl))
         self.logger.log(step, record)
+        self._log_completions(step, exp)
         if self.eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             self.evaluate(step)
         stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
@@ -508,6 +512,21 @@ class Session:
         if stop:
             self.logger.message(f"{self.name}: stopped after step {step} (stop_at_step); continue with resume=true")
             self._stopped = True
+
+    def _log_completions(self, step: int, exp: Experience) -> None:
+        """The step's first ``log_completions`` completions, one JSON line each, to completions.jsonl:
+        what the policy writes and the reward it got (as trained on: after ``reward_normalize``; null
+        where dropped). A resumed run's file is cut back to its checkpoint, as metrics.jsonl."""
+        roll, n = exp.rollout, self.cfg.num_generations
+        lines = []
+        for i in range(min(self.cfg.log_completions, len(exp))):
+            r = float(exp.rewards[i])
+            lines.append(json.dumps({"step": step, "prompt": self.prompts[self._step_prompts[i // n]],
+                                     "completion": roll.texts[i], "reward": None if math.isnan(r) else r,
+                                     "tokens": int(roll.mask[i].sum()), "truncated": bool(roll.truncated[i])}) + "\n")
+        if lines:
+            with open(self.run_dir / COMPLETIONS, "a") as f:
+                f.writelines(lines)
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Greedy exact-match accuracy on the held-out prompts (the engine at temperature 0) of the
@@ -548,9 +567,12 @@ class Session:
             summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1)}
             if result.eval_after and result.eval_before:
                 summary["held-out accuracy"] = f"{result.eval_before['accuracy']:.1%} -> {result.eval_after['accuracy']:.1%}"
-            write_report(self.run_dir, self.name, read_metrics(self.run_dir / "metrics.jsonl"), summary)
+            samples = [r for r in read_metrics(self.run_dir / COMPLETIONS) if r["step"] == result.steps]
+            write_report(self.run_dir, self.name, read_metrics(self.run_dir / "metrics.jsonl"), summary, samples=samples)
         return result
 
+
+COMPLETIONS = "completions.jsonl"  # the sampled completions a run logs (log_completions)
 
 # how :meth:`Session.update` accumulates a metric over micro-batches and updates, by its name's end
 _ACCUMULATE: dict[str, Callable[[float, float], float]] = {"_max": max, "_min": min}

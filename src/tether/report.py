@@ -56,13 +56,24 @@ def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
     return png
 
 
+def _cell(v: Any) -> str:
+    """A value as one markdown table cell: no line breaks, pipes escaped."""
+    return str(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎")
+
+
 def write_report(run_dir: Path, title: str, metrics: list[dict[str, Any]], summary: dict[str, Any],
-                 stages: dict[str, list[dict[str, Any]]] | None = None) -> tuple[Path, Path]:
-    """``report.md`` (a table of ``summary`` and the plot) and ``report.png`` in ``run_dir``."""
+                 stages: dict[str, list[dict[str, Any]]] | None = None,
+                 samples: list[dict[str, Any]] | None = None) -> tuple[Path, Path]:
+    """``report.md`` (a table of ``summary``, the plot, and a table of ``samples``: an online run's
+    last logged completions) and ``report.png`` in ``run_dir``."""
     png = plot_curves(stages or {title: metrics}, run_dir / "report.png")
     lines = [f"# tether {title} report", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
     lines += ["", f"![curves]({png.name})", ""]
+    if samples:
+        lines += [f"## Completions at step {samples[0]['step']}", "", "| prompt | completion | reward |", "|---|---|---|"]
+        lines += [f"| {_cell(r['prompt'])} | {_cell(r['completion'])} | {_cell(r['reward'])} |" for r in samples]
+        lines += [""]
     md = run_dir / "report.md"
     md.write_text("\n".join(lines))
     return md, png

@@ -232,7 +232,8 @@ def resume_point(cfg: RunConfig, run_dir: Path) -> tuple[Path | None, dict[str, 
         return None, None
     state = load_state(ckpt)
     _check_same_run(cfg, state, ckpt)
-    truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+    for log in ("metrics.jsonl", "completions.jsonl"):  # each step's lines once, after a crash too
+        truncate_metrics(run_dir / log, state["step"])
     return ckpt, state
 
 
@@ -241,7 +242,7 @@ def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     then = json.loads(state["config"])
     now = cfg.model_dump(mode="json")
     free = {"resume", "overwrite", "progress", "stop_at_step", "save_every", "keep_checkpoints", "report",
-            "tensorboard", "threads", "model"}
+            "tensorboard", "threads", "model", "log_completions"}
     changed = [k for k in now if k not in free and then.get(k) != now[k]]
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
