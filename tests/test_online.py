@@ -153,6 +153,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
 @pytest.mark.parametrize("cls,module,extra", [
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2, ema_decay=0.9)),
     (grpo.GRPOConfig, grpo, dict(rollout_dtype="bf16", off_policy_mask_threshold=0.1)),  # sampler correction on
+    (grpo.GRPOConfig, grpo, dict(entropy_target=3.0, top_entropy_quantile=0.5, micro_batch_size=4)),  # its controller
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
     (ppo.PPOConfig, ppo, dict(critic="separate", lora_rank=4, beta=0.1)),  # adapters on both, reference adapters-off
@@ -257,11 +258,13 @@ def _by_length(prompts, completions, meta):
     return [float(len(c) % 5) for c in completions]
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatch, lean):
+@pytest.mark.parametrize("lean,extra", [(True, {}), (False, {}),
+                                        (True, dict(top_entropy_quantile=0.3, entropy_coef=0.5))])
+def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatch, lean, extra):
     """One GRPO step with 1 × 8, 2 × 4 and 8 × 1 micro-batches gives the same weights, through
-    tether's packed-tree forward (the default) and the model's own. Plain SGD stands in for AdamW,
-    whose first step is scale-free and would hide a mis-normalised loss."""
+    tether's packed-tree forward (the default) and the model's own, and with the entropy terms (the
+    quantile and the bonus's mean over the whole batch, not per micro-batch as TRL). Plain SGD stands
+    in for AdamW, whose first step is scale-free and would hide a mis-normalised loss."""
     from tether import runs
 
     monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
@@ -270,7 +273,7 @@ def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatc
     for mbs in (8, 4, 1):
         r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / str(mbs), max_steps=1, micro_batch_size=mbs,
                              eval_data="none", beta=0.04, max_grad_norm=0, reward="by_length", lr=1.0,
-                             mini_batches=1, lean_forward=lean))  # one update of all 8 completions
+                             mini_batches=1, lean_forward=lean, **extra))  # one update of all 8 completions
         from safetensors.torch import load_file
 
         weights.append(load_file(r.final_dir / "model.safetensors"))

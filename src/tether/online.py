@@ -34,8 +34,8 @@ from .data import DataError, EpochSampler, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .lora import LoraFields
-from .losses.policy import (SAMPLER_CORRECTIONS, PolicyLossConfig, kl_estimate, off_policy_mask, policy_loss,
-                            sampler_weights)
+from .losses.policy import (SAMPLER_CORRECTIONS, EntropyTerms, PolicyLossConfig, high_entropy_mask, kl_estimate,
+                            off_policy_mask, policy_loss, sampler_weights)
 from .modeling import (attention_mask_4d, autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer,
                        padding_id, resolve_model_path)
 from .rewards import RunningNorm, length_correlation, make_rewards
@@ -85,6 +85,12 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     sampler_clip_min: float | None = Field(None, ge=0, description="lower bound of the sampler correction's ρ (None: none)")
     sampler_clip_max: float | None = Field(3.0, gt=0, description="upper bound of the sampler correction's ρ (None: none; TRL's default 3)")
     off_policy_mask_threshold: float | None = Field(None, ge=0, description="DeepSeek-V3.2's off-policy sequence mask: no policy loss on a completion with a negative advantage whose mean per-token log π_sampler - log π_θ exceeds this (e.g. 0.5); None: off")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: the loss gains -entropy_coef × the mean entropy per token of the policy's distributions (over the optimizer batch, whatever the loss type; TRL's entropy_coef, PPO's classic exploration bonus); 0: off")
+    entropy_target: float | None = Field(None, gt=0, description="adaptive entropy control (Skywork-OR1; TRL's use_adaptive_entropy with entropy_target): after each update the coefficient, starting at entropy_coef, rises by entropy_coef_delta if the mean entropy was at or below this and falls otherwise, and applies only while it is at or below; None: entropy_coef stays fixed")
+    entropy_coef_delta: float = Field(0.005, gt=0, description="adaptive entropy control: the coefficient's step per update")
+    entropy_coef_min: float = Field(0.0, ge=0, description="adaptive entropy control: the coefficient's lower bound")
+    entropy_coef_max: float = Field(1.0, ge=0, description="adaptive entropy control: the coefficient's upper bound")
+    top_entropy_quantile: float = Field(1.0, ge=0, le=1, description="policy loss on the top share of tokens by entropy only, the forks (Wang et al. 2025, 'Beyond the 80/20 rule': 0.2), the quantile taken over each optimizer batch (TRL's, per micro-batch); 1: every token")
 
     def sampling_dtype(self) -> str:
         """The dtype the engine samples in."""
@@ -116,6 +122,47 @@ class Experience:
 
     def __len__(self) -> int:
         return len(self.rewards)
+
+
+class EntropyControl:
+    """The entropy bonus's coefficient c: ``entropy_coef`` fixed, or with a target H* Skywork-OR1's
+    adaptive control (He et al. 2025, §4; TRL's ``use_adaptive_entropy``): after each optimizer update,
+    from that update's mean entropy H, c ← clip(c + δ if H ≤ H* else c - δ, [c_min, c_max]); the bonus
+    applies c only while the last H ≤ H* (none before the first update)."""
+
+    def __init__(self, cfg: OnlineConfig):
+        self.coef, self.target, self.last = cfg.entropy_coef, cfg.entropy_target, math.inf
+        self.delta, self.lo, self.hi = cfg.entropy_coef_delta, cfg.entropy_coef_min, cfg.entropy_coef_max
+
+    def applied(self) -> float:
+        return self.coef if self.target is None or self.last <= self.target else 0.0
+
+    def update(self, entropy: float) -> None:
+        if self.target is None or not math.isfinite(entropy):
+            return
+        step = self.delta if entropy <= self.target else -self.delta
+        self.coef = min(self.hi, max(self.lo, self.coef + step))
+        self.last = entropy
+
+    def state_dict(self) -> dict[str, float]:
+        return {"coef": self.coef, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef, self.last = state["coef"], state["last"]
+
+
+@dataclass
+class MicroBatch:
+    """What :meth:`Session.update` hands a loss function for one forward/backward."""
+
+    rows: torch.Tensor  # (n,) the completions of this micro-batch
+    num_sequences: int  # sequences of the optimizer batch (mini-batch): the losses' normalisers
+    num_tokens: float  # loss-carrying tokens of the optimizer batch
+    on_policy: bool  # no update since sampling: π_old = sg(π_θ) exactly (as TRL)
+    # top_entropy_quantile's threshold and kept-token count over the optimizer batch, where it spans
+    # several micro-batches (None: this micro-batch is the whole batch and gives them itself)
+    entropy_threshold: torch.Tensor | None = None
+    entropy_tokens: float | None = None
 
 
 class AdaptiveKL:
@@ -208,6 +255,8 @@ class Session:
         self.prompts, self.metadata = self._load_prompts()
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.kl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.entropy = EntropyControl(cfg)
+        self._entropy_stats = [0.0, 0.0]  # Σ H m and Σ m over the bonus's tokens since the last update
         self.correction = cfg.sampler_mode()
         # GRPO and REINFORCE take π_old = sg(π_θ) in the single update of a rollout (TRL's behaviour), so
         # a sampler correction needs no forward of its own there; PPO's loss reads stored log-probs
@@ -246,6 +295,8 @@ class Session:
             self.sampler.load_state_dict(self.state["sampler"])
             self.engine.load_state_dict(self.state["engine"])
             self.kl.beta = self.state["kl_beta"]
+            if "entropy" in self.state:  # checkpoints from before the entropy bonus have none
+                self.entropy.load_state_dict(self.state["entropy"])
             self.reward_norm.load_state_dict(self.state["reward_norm"])
             for k, m in self.modules.items():
                 m.load_state_dict(self.state["modules"][k])
@@ -369,11 +420,12 @@ class Session:
             return torch.zeros_like(exp.mask)
         return -self.kl.beta * kl_estimate(exp.old_logps, exp.ref_logps, self.cfg.kl_estimator) * exp.mask
 
-    def logps(self, model, roll: Rollout, rows: torch.Tensor, with_hidden: bool = False, with_entropy: bool = True):
+    def logps(self, model, roll: Rollout, rows: torch.Tensor, with_hidden: bool = False, with_entropy: bool = True,
+              entropy_grad: bool = False):
         """:func:`completion_logps` of rollout ``rows`` under ``model`` at the sampling temperature."""
         return completion_logps(model, [roll.prompt_ids[i] for i in rows.tolist()], roll.completion_ids[rows],
                                 roll.mask[rows], self.cfg.temperature, self.cfg.dtype, self.pad, with_hidden,
-                                with_entropy=with_entropy, lean=self.cfg.lean_forward)
+                                with_entropy=with_entropy, lean=self.cfg.lean_forward, entropy_grad=entropy_grad)
 
     def hidden(self, model, roll: Rollout, rows: torch.Tensor) -> torch.Tensor:
         """:func:`completion_hidden` of rollout ``rows``: a critic's input, no LM head."""
@@ -394,14 +446,11 @@ class Session:
         order = torch.argsort(longest[group] * len(longest) + group, stable=True)
         return list(rows[order].split(size))
 
-    def update(self, exp: Experience, loss_fn: Callable[[torch.Tensor, int, float, bool], tuple[torch.Tensor, dict]],
-               ) -> dict[str, float]:
+    def update(self, exp: Experience, loss_fn: Callable[[MicroBatch], tuple[torch.Tensor, dict]]) -> dict[str, float]:
         """Stage 4: ``epochs`` passes over the rollout in ``mini_batches`` shuffled mini-batches of
         whole prompt groups (:func:`shuffle_groups`), one optimizer update each, micro-batched.
-        ``loss_fn(rows, n_seq, n_tok, on_policy)`` returns the loss of micro-batch ``rows`` normalised
-        by the mini-batch's ``n_seq`` sequences and ``n_tok`` tokens, so accumulation does not change
-        it. ``on_policy`` is True when no update has happened since sampling (then π_old = sg(π_θ)
-        exactly, as TRL)."""
+        ``loss_fn`` returns the loss of a :class:`MicroBatch` normalised by its mini-batch's sequences
+        and tokens, so accumulation does not change it."""
         t = time.perf_counter()
         cfg, N = self.cfg, len(exp.rows)
         totals: dict[str, float] = {}
@@ -411,8 +460,12 @@ class Session:
             perm = shuffle_groups(exp.rows, cfg.num_generations) if cfg.mini_batches > 1 or cfg.epochs > 1 else exp.rows
             for mb in perm.split(size):
                 n_tok = float(exp.mask[mb].sum())
-                for micro in self._chunks(mb, exp.rollout):
-                    loss, metrics = loss_fn(micro, len(mb), n_tok, updates == 0 and cfg.epochs * cfg.mini_batches == 1)
+                micros = self._chunks(mb, exp.rollout)
+                threshold, n_ent = self._entropy_quantile(exp, micros) if len(micros) > 1 else (None, None)
+                for micro in micros:
+                    batch = MicroBatch(micro, len(mb), n_tok, updates == 0 and cfg.epochs * cfg.mini_batches == 1,
+                                       threshold, n_ent)
+                    loss, metrics = loss_fn(batch)
                     loss.backward()
                     for k, v in metrics.items():  # sums add up; extremes (``*_max``, ``*_min``) keep theirs
                         merge = _ACCUMULATE.get(k[-4:], float.__add__)
@@ -421,6 +474,9 @@ class Session:
                 norm = runs.optimizer_step(self._params, self.optimizer, None, cfg.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
                 updates += 1
+                h, n = self._entropy_stats  # the update's mean entropy over the bonus's tokens
+                self.entropy.update(h / n if n else math.nan)
+                self._entropy_stats = [0.0, 0.0]
         with warnings.catch_warnings():  # a step without an update (every group filtered) still counts
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             self.scheduler.step()  # the schedule counts rollout steps
@@ -428,25 +484,65 @@ class Session:
         if self.ema is not None:
             self.ema.update(self.policy)
         out = {k: v if k[-4:] in _ACCUMULATE else v / updates for k, v in totals.items()} if updates else {}
+        if cfg.entropy_target is not None:
+            out["entropy_coef"] = self.entropy.coef
         self.timings["time/update"] = time.perf_counter() - t
         return out
+
+    def _entropy_quantile(self, exp: Experience, micros: list[torch.Tensor]) -> tuple[torch.Tensor | None, float | None]:
+        """top_entropy_quantile's threshold over an optimizer batch split into ``micros``, and the count
+        of tokens it keeps: one no-grad forward of the batch at the current weights (the loss's own
+        forwards see one micro-batch each; TRL takes the quantile per micro-batch, which the split then
+        changes). (None, None) with the quantile off."""
+        q = self.cfg.top_entropy_quantile
+        if q >= 1:
+            return None, None
+        t = time.perf_counter()
+        with torch.no_grad():
+            ent = [self.logps(self.policy, exp.rollout, m)[1][exp.mask[m].bool()] for m in micros]
+        ent = torch.cat(ent)
+        self.timings["time/entropy_quantile"] = self.timings.get("time/entropy_quantile", 0.0) + time.perf_counter() - t
+        if not len(ent):
+            return None, None
+        threshold = torch.quantile(ent.float(), 1 - q)
+        return threshold, float((ent >= threshold).sum())
+
+    def entropy_terms(self, batch: MicroBatch, entropy: torch.Tensor, mask: torch.Tensor) -> EntropyTerms | None:
+        """The entropy bonus and top_entropy_quantile's mask for :func:`policy_loss` (None where both
+        are off), with the tokens the bonus averages over: the optimizer batch's (kept) tokens."""
+        cfg, coef = self.cfg, self.entropy.applied()
+        q = cfg.top_entropy_quantile
+        if not coef and q >= 1 and cfg.entropy_target is None:
+            return None
+        keep = high_entropy_mask(entropy, mask, q, batch.entropy_threshold) if q < 1 else None
+        counted = mask if keep is None else mask * keep
+        self._entropy_stats[0] += float((entropy.detach() * counted).sum())
+        self._entropy_stats[1] += float(counted.sum())
+        n_ent = batch.num_tokens if q >= 1 else batch.entropy_tokens
+        return EntropyTerms(entropy, coef, keep, n_ent)
+
+    def entropy_grad(self) -> bool:
+        """Whether the loss's entropies need their gradient: the bonus applies this update."""
+        return self.entropy.applied() > 0
 
     def policy_loss_fn(self, exp: Experience, adv: torch.Tensor, loss_cfg: PolicyLossConfig):
         """:meth:`update`'s loss for advantages ``adv`` ((N,) or (N, L)): the importance-weighted policy
         loss of :func:`tether.losses.policy.policy_loss`, against π_old = sg(π_θ) while on-policy and
         the stored sampling log-probs after that; the entropy rides along for the logs."""
 
-        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
-            logps, entropy = self.logps(self.policy, exp.rollout, rows)
+        def loss_fn(batch: MicroBatch):
+            rows = batch.rows
+            logps, entropy = self.logps(self.policy, exp.rollout, rows, entropy_grad=self.entropy_grad())
             ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
             rho, keep, sm = self.sampler_terms(exp, rows, logps, adv[rows])
-            loss, m = policy_loss(logps, None if on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
-                                  loss_cfg, ref, num_sequences=n_seq, num_tokens=n_tok, sampler_weights=rho, keep=keep)
+            loss, m = policy_loss(logps, None if batch.on_policy else exp.old_logps[rows], adv[rows], exp.mask[rows],
+                                  loss_cfg, ref, num_sequences=batch.num_sequences, num_tokens=batch.num_tokens,
+                                  sampler_weights=rho, keep=keep, entropy=self.entropy_terms(batch, entropy, exp.mask[rows]))
             m.update(sm)
             # |log π_θ - log π_sampler| per token: 0 up to float noise before the first update, when the
             # trainer and the rollout engine see the same weights (their agreement, measured every step)
             gap = ((logps.detach() - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]).nansum()
-            return loss, {**m, "entropy_sum": (entropy * exp.mask[rows]).sum(), "logp_gap_sum": gap}
+            return loss, {**m, "entropy_sum": (entropy.detach() * exp.mask[rows]).sum(), "logp_gap_sum": gap}
 
         return loss_fn
 
@@ -504,6 +600,7 @@ class Session:
         stop = cfg.stop_at_step is not None and step == cfg.stop_at_step and step < cfg.max_steps
         if stop or step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
             extra = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict(), "kl_beta": self.kl.beta,
+                     "entropy": self.entropy.state_dict(),
                      "reward_norm": self.reward_norm.state_dict(),
                      "modules": {k: m.state_dict() for k, m in self.modules.items()}}
             if self.ema is not None:
@@ -664,11 +761,13 @@ def completion_hidden(model, prompts: list[list[int]], completions: torch.Tensor
 
 def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor, mask: torch.Tensor,
                      temperature: float = 1.0, dtype: str = "fp32", pad: int = 0, with_hidden: bool = False,
-                     share_prompts: bool = True, with_entropy: bool = True, lean: bool = False):
+                     share_prompts: bool = True, with_entropy: bool = True, lean: bool = False,
+                     entropy_grad: bool = False):
     """Per-token log-probs log softmax(logits / T)[y_t] of right-padded ``completions`` (B, L) after
-    their ``prompts``, the entropy of each position's distribution (B, L, no gradient; None unless
-    ``with_entropy``), and the hidden states of :func:`completion_hidden` when asked. The LM head runs
-    once per distinct state of :func:`completion_states`, 0 is returned off the mask."""
+    their ``prompts``, the entropy of each position's distribution (B, L; None unless ``with_entropy``;
+    with gradient only with ``entropy_grad``, for an entropy bonus), and the hidden states of
+    :func:`completion_hidden` when asked. The LM head runs once per distinct state of
+    :func:`completion_states`, 0 is returned off the mask."""
     states = completion_states(model, prompts, completions, mask, dtype, pad, share_prompts, lean)
     sel = mask.bool()
     with autocast(dtype):
@@ -682,7 +781,7 @@ def completion_logps(model, prompts: list[list[int]], completions: torch.Tensor,
     lp = logits.new_zeros(mask.shape).masked_scatter(sel, taken)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             ent = -(logp_all.exp() * logp_all).sum(-1)
             entropy = logits.new_zeros(mask.shape).masked_scatter(sel, ent[pos])
     return (lp, entropy, states.expand(mask)) if with_hidden else (lp, entropy)

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from . import lora, runs
 from .losses.policy import PolicyLossConfig, gae, policy_loss, value_loss, whiten
-from .online import Experience, OnlineConfig, Session, sequence_rewards_to_tokens, token_means
+from .online import Experience, MicroBatch, OnlineConfig, Session, sequence_rewards_to_tokens, token_means
 
 
 class PPOConfig(OnlineConfig):
@@ -175,15 +175,17 @@ def train(cfg: PPOConfig) -> runs.FitResult:
             critic.fit(((head_states(mb)[exp.mask[mb].bool()], returns[mb][exp.mask[mb].bool()]) for mb in chunks),
                        cfg.critic_forget)
 
-        def loss_fn(rows: torch.Tensor, n_seq: int, n_tok: float, on_policy: bool):
-            logps, entropy, h = s.logps(s.policy, roll, rows, with_hidden=True)
+        def loss_fn(batch: MicroBatch):
+            rows = batch.rows
+            logps, entropy, h = s.logps(s.policy, roll, rows, with_hidden=True, entropy_grad=s.entropy_grad())
             ref = exp.ref_logps[rows] if exp.ref_logps is not None else None
             rho, keep, sm = s.sampler_terms(exp, rows, logps, adv[rows])
             pl, m = policy_loss(logps, exp.old_logps[rows], adv[rows], exp.mask[rows], loss_cfg, ref,
-                                num_sequences=n_seq, num_tokens=n_tok, sampler_weights=rho, keep=keep)
+                                num_sequences=batch.num_sequences, num_tokens=batch.num_tokens, sampler_weights=rho,
+                                keep=keep, entropy=s.entropy_terms(batch, entropy, exp.mask[rows]))
             v = values(rows, h, roll)
-            vl = value_loss(v, old_v[rows], returns[rows], exp.mask[rows], cfg.cliprange_value, n_tok)
-            m = {**m, **sm, "value_loss": vl.detach(), "entropy_sum": (entropy * exp.mask[rows]).sum(),
+            vl = value_loss(v, old_v[rows], returns[rows], exp.mask[rows], cfg.cliprange_value, batch.num_tokens)
+            m = {**m, **sm, "value_loss": vl.detach(), "entropy_sum": (entropy.detach() * exp.mask[rows]).sum(),
                  "ratio_dev_sum": ((logps - exp.old_logps[rows]).abs() * exp.mask[rows]).sum().detach()}
             return (pl if least_squares else pl + cfg.vf_coef * vl), m  # least squares: already fitted
 

@@ -215,10 +215,40 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation, num
     raise ValueError(f"unknown aggregation {how!r}")
 
 
+@dataclass
+class EntropyTerms:
+    """What :func:`policy_loss` does with the entropy H_t of each position's distribution (of the
+    logits over the temperature): a bonus -c · H̄ on the mean over the tokens it counts, and
+    ``keep``, the high-entropy tokens that alone carry the policy term (:func:`high_entropy_mask`)."""
+
+    entropy: torch.Tensor  # (B, T) H_t, with gradient where the bonus is on
+    coef: float = 0.0  # c; 0: no bonus (H still feeds ``keep`` and the logs)
+    keep: torch.Tensor | None = None  # (B, T) 1 on the tokens kept by top_entropy_quantile, None: all
+    num_tokens: float | None = None  # tokens H̄ averages over in the whole optimizer batch (default: this micro-batch's)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float,
+                      threshold: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Beyond the 80/20 rule (Wang et al. 2025): the policy gradient on the top ``top_quantile`` share
+    of tokens by entropy only, the "forking" tokens where a completion branches (0.2 in the paper).
+    1 where H_t ≥ the (1 - q) quantile of the entropies on the mask (torch.quantile's linear
+    interpolation, as TRL 1.16's ``get_high_entropy_mask``), 0 elsewhere and off the mask. ``threshold``
+    gives that quantile when it was taken over more than these rows (an optimizer batch split into
+    micro-batches: :meth:`tether.online.Session.update`), so that the split does not change it."""
+    with torch.no_grad():
+        real = mask.bool()
+        if threshold is None:
+            if not real.any():
+                return torch.zeros_like(mask)
+            threshold = torch.quantile(entropy[real].float(), 1 - top_quantile)
+        return ((entropy >= threshold) & real).to(mask.dtype)
+
+
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
                 mask: torch.Tensor, cfg: PolicyLossConfig, ref_logps: torch.Tensor | None = None,
                 num_sequences: int | None = None, num_tokens: float | None = None,
                 sampler_weights: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                entropy: EntropyTerms | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped, importance-weighted policy-gradient loss of seed §5-§7 with an optional KL term.
 
@@ -229,7 +259,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     ``sampler_weights`` ρ ((B, T) or (B, 1), from :func:`sampler_weights`) multiply the policy term
     of each token, not the KL term: the tokens were drawn by the sampler, not by π_old (VESPO takes
     them into its sequence ratio instead, and needs them per token). ``keep`` ((B, 1) or (B, T),
-    from :func:`off_policy_mask`) zeroes the policy term of what it drops. The order is TRL 1.16's.
+    from :func:`off_policy_mask`) zeroes the policy term of what it drops. ``entropy``
+    (:class:`EntropyTerms`): ``keep`` zeroes the policy term of low-entropy tokens (TRL's
+    ``top_entropy_quantile``), and with ``coef`` c the loss gains -c · Σ_t H_t m_t k_t / n, the mean
+    entropy over the kept tokens of the optimizer batch, whatever the loss type's normaliser (TRL's
+    ``entropy_coef``). The order is TRL 1.16's.
 
     Returns (loss, metrics): metrics are sums over this micro-batch, to be divided by the batch's token
     count (``kl_sum``, ``clip_low``, ``clip_high`` are token sums) so that they accumulate exactly too.
@@ -253,6 +287,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     per_token = PER_TOKEN[cfg.loss_type](terms)
     if keep is not None:
         per_token = per_token * keep
+    if entropy is not None and entropy.keep is not None:
+        per_token = per_token * entropy.keep
     if sampler_weights is not None and cfg.loss_type != "vespo":
         per_token = per_token * sampler_weights
 
@@ -269,6 +305,13 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     n_tok = float(mask.sum()) if num_tokens is None else num_tokens
     loss = aggregate(per_token, mask, AGGREGATION[cfg.loss_type], n_seq, n_tok,
                      cfg.max_completion_length or logps.shape[1])
+    if entropy is not None and entropy.coef:  # the bonus: -c · mean H over the (kept) tokens
+        counted = mask if entropy.keep is None else mask * entropy.keep
+        n_ent = float(counted.sum()) if entropy.num_tokens is None else entropy.num_tokens
+        mean_h = (entropy.entropy * counted).sum() / max(n_ent, 1.0)
+        loss = loss - entropy.coef * mean_h
+    if entropy is not None and entropy.keep is not None:
+        metrics["entropy_kept_sum"] = (entropy.keep * mask).sum().detach()
 
     if cfg.loss_type in _CLIPPED:  # how often the clip was active in the direction that binds
         w_c = w.clamp(max=cfg.delta) if cfg.delta is not None else w
