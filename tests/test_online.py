@@ -259,6 +259,7 @@ def _by_length(prompts, completions, meta):
 
 
 @pytest.mark.parametrize("lean,extra", [(True, {}), (False, {}),
+                                        (True, dict(entropy_coef=0.5)),
                                         (True, dict(top_entropy_quantile=0.3, entropy_coef=0.5))])
 def test_accumulation_does_not_change_an_update(tiny_model, tmp_path, monkeypatch, lean, extra):
     """One GRPO step with 1 × 8, 2 × 4 and 8 × 1 micro-batches gives the same weights, through
