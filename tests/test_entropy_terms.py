@@ -129,3 +129,10 @@ def test_adaptive_control_steps_the_coefficient(tiny_model, tmp_path, monkeypatc
     assert [round(m["entropy_coef"], 9) for m in up] == [0.05, 0.09, 0.13]
     down = _run(tiny_model, tmp_path / "b", monkeypatch, entropy_target=1e-3, entropy_coef=0.05, entropy_coef_delta=0.02)
     assert [round(m["entropy_coef"], 9) for m in down] == [0.01, 0.0, 0.0]
+
+
+def test_bounds_are_checked():
+    with pytest.raises(ValueError, match="entropy_coef_min"):
+        grpo.GRPOConfig(entropy_coef_min=0.5, entropy_coef_max=0.1)
+    with pytest.raises(ValueError):
+        grpo.GRPOConfig(top_entropy_quantile=1.5)

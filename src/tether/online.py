@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import lora, runs
 from .arith import ArithSpec, problem_space
@@ -91,6 +91,12 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     entropy_coef_min: float = Field(0.0, ge=0, description="adaptive entropy control: the coefficient's lower bound")
     entropy_coef_max: float = Field(1.0, ge=0, description="adaptive entropy control: the coefficient's upper bound")
     top_entropy_quantile: float = Field(1.0, ge=0, le=1, description="policy loss on the top share of tokens by entropy only, the forks (Wang et al. 2025, 'Beyond the 80/20 rule': 0.2), the quantile taken over each optimizer batch (TRL's, per micro-batch); 1: every token")
+
+    @model_validator(mode="after")
+    def _entropy_bounds(self):
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ValueError(f"entropy_coef_min ({self.entropy_coef_min}) is above entropy_coef_max ({self.entropy_coef_max})")
+        return self
 
     def sampling_dtype(self) -> str:
         """The dtype the engine samples in."""
