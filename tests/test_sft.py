@@ -82,6 +82,52 @@ def test_refuses_to_mix_into_an_existing_run(tiny_model, tmp_path):
     sft.train(sft.SFTConfig(**kw, overwrite=True))
 
 
+def test_overwrite_deletes_only_a_run_folder_that_holds_no_input(tiny_model, tmp_path, monkeypatch):
+    """overwrite=true deletes a tether run folder; it refuses a folder that is not one, the working
+    directory, and a run folder holding this run's own model ("continue training" into its own run)."""
+    from tether.config import ConfigError
+
+    kw = dict(max_steps=1, batch_size=2, eval_data="none", progress=False, report=False, arith_rows=8)
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("keep\n")
+    with pytest.raises(ConfigError, match="not a tether run folder"):
+        sft.train(sft.SFTConfig(model=str(tiny_model), output_dir=str(mine), overwrite=True, **kw))
+    assert (mine / "train.jsonl").read_text() == "keep\n"
+    monkeypatch.chdir(mine)
+    with pytest.raises(ConfigError, match="working directory"):
+        sft.train(sft.SFTConfig(model=str(tiny_model), output_dir=".", overwrite=True, **kw))
+    monkeypatch.chdir(tmp_path)
+    first = sft.train(sft.SFTConfig(model=str(tiny_model), output_dir=str(tmp_path / "r"), **kw))
+    with pytest.raises(ConfigError, match="lies inside output_dir"):
+        sft.train(sft.SFTConfig(model=str(first.final_dir), output_dir=str(tmp_path / "r"), overwrite=True, **kw))
+    assert (first.final_dir / "config.json").is_file()
+    sft.train(sft.SFTConfig(model=str(tiny_model), output_dir=str(tmp_path / "r"), overwrite=True, **kw))  # a run: gone
+
+
+def test_micro_batch_defaults_to_the_batch_where_smaller():
+    assert sft.SFTConfig(batch_size=8).micro_batch_size == 8
+    assert sft.SFTConfig(batch_size=64).micro_batch_size == 32
+    with pytest.raises(Exception, match="multiple of micro_batch_size"):
+        sft.SFTConfig(batch_size=8, micro_batch_size=3)
+
+
+def test_resume_accepts_a_moved_run_a_longer_budget_and_other_evaluation(tiny_model, tmp_path):
+    """Settings that do not change the trajectory may change on resume: where the run lives, the step
+    budget under a constant schedule, evaluation; the steps already run stay bit-identical."""
+    import shutil
+
+    kw = dict(model=str(tiny_model), batch_size=2, eval_data="none", progress=False, report=False, arith_rows=16,
+              schedule="constant")
+    full = sft.train(sft.SFTConfig(output_dir=str(tmp_path / "a"), max_steps=4, **kw))
+    sft.train(sft.SFTConfig(output_dir=str(tmp_path / "b"), max_steps=2, **kw))
+    shutil.move(tmp_path / "b", tmp_path / "moved")
+    resumed = sft.train(sft.SFTConfig(output_dir=str(tmp_path / "moved"), max_steps=4, resume=True, eval_every=2, **kw))
+    a = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    b = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [m["step"] for m in b] == [1, 2, 3, 4] and [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
 def test_sft_learns_on_the_embedded_model(embedded_model, tmp_path):
     """A small fixed budget of SFT lowers the loss and lifts held-out exact-match accuracy."""
     from tether.modeling import default_dtype

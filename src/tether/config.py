@@ -49,8 +49,11 @@ class Config(BaseModel):
         except ValidationError as e:
             lines = []
             for err in e.errors():
-                key = ".".join(str(p) for p in err["loc"]) or "(config)"
-                lines.append(f"  {key}={err.get('input')!r}: {err['msg']}")
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["loc"]:
+                    lines.append(f"  {'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {msg}")
+                else:  # a check across fields: its message names them; the whole config would only bury it
+                    lines.append(f"  {msg}")
             raise ConfigError(f"invalid {cls.__name__} in {source}:\n" + "\n".join(lines)) from None
 
     def to_yaml(self) -> str:

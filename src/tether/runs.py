@@ -68,7 +68,15 @@ class TrainConfig(RunConfig):
     """A trainer that draws fixed-size batches of examples."""
 
     batch_size: int = Field(32, ge=1, description="examples per optimizer step")
-    micro_batch_size: int = Field(32, ge=1, description="examples per forward/backward; batch_size/micro_batch_size = gradient accumulation steps")
+    micro_batch_size: int = Field(32, ge=1, description="examples per forward/backward (default 32, or batch_size where smaller); batch_size/micro_batch_size = gradient accumulation steps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _small_batches(cls, data: Any) -> Any:
+        # the default micro-batch is 32 examples, or the whole batch where that is smaller
+        if isinstance(data, dict) and "micro_batch_size" not in data and isinstance(data.get("batch_size"), int):
+            data = {**data, "micro_batch_size": min(32, data["batch_size"])}
+        return data
 
     @model_validator(mode="after")
     def _check_batches(self):
@@ -139,10 +147,30 @@ def train_mode(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
+def _check_deletable(cfg: RunConfig, out: Path) -> None:
+    """``overwrite=true`` deletes ``out``: only a tether run folder (its ``config.yaml`` is written
+    first), never the working directory or one above it, nor one holding an input of this run (a
+    model, data or reference path among the settings: "continue training" pointed at its own run)."""
+    where = out.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents or where == Path.home().resolve():
+        raise ConfigError(f"overwrite=true would delete {out} ({where}), the working directory, your home or a "
+                          "folder above them: choose an output_dir of its own")
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"overwrite=true: {out} is not a tether run folder (no config.yaml), so it is not deleted; "
+                          "choose another output_dir or empty it yourself")
+    for key, value in cfg.model_dump(mode="json").items():
+        if key != "output_dir" and isinstance(value, str) and value and Path(value).exists():
+            inside = Path(value).resolve()
+            if inside == where or where in inside.parents:
+                raise ConfigError(f"overwrite=true would delete {key}={value}, which lies inside output_dir {out}: "
+                                  "choose another output_dir (or resume=true to continue that run)")
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder; refuse to mix a new run into an old one unless told how."""
     out = Path(cfg.output_dir)
-    if cfg.overwrite and out.exists() and not cfg.resume:
+    if cfg.overwrite and out.exists() and any(out.iterdir()) and not cfg.resume:
+        _check_deletable(cfg, out)
         shutil.rmtree(out)
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise ConfigError(f"output_dir {out} is not empty: pass resume=true to continue it or overwrite=true to start over")
@@ -241,8 +269,12 @@ def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     """Refuse to resume with settings that would make the continuation differ from the run."""
     then = json.loads(state["config"])
     now = cfg.model_dump(mode="json")
+    # what does not change the trajectory: logging, checkpointing, where the run lives, evaluation (greedy:
+    # it draws no random numbers), and the step budget where the schedule does not depend on it
     free = {"resume", "overwrite", "progress", "stop_at_step", "save_every", "keep_checkpoints", "report",
-            "tensorboard", "threads", "model", "log_completions"}
+            "tensorboard", "threads", "model", "log_completions", "output_dir", "eval_every", "eval_samples"}
+    if now.get("schedule") == "constant" and then.get("schedule") == "constant":
+        free.add("max_steps")
     changed = [k for k in now if k not in free and then.get(k) != now[k]]
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
