@@ -325,6 +325,30 @@ def test_a_step_with_no_informative_group_leaves_the_weights(tiny_model, tmp_pat
     assert all(torch.equal(start[k], end[k]) for k in start)
 
 
+def test_lengths_past_the_context_are_refused(tiny_model, tmp_path):
+    """A prompt plus max_new_tokens past the model's positions (512) is refused up front with the row
+    named, as is SFT's max_length; before, a model with learned positions failed inside its embedding."""
+    from tether import sft
+    from tether.config import ConfigError
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "short", "answer": "1"}) + "\n" + json.dumps({"prompt": "x " * 600, "answer": "1"}) + "\n")
+    with pytest.raises(ConfigError, match="prompt 2 .* tokens.*context of 512"):
+        grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "a", data=str(data), eval_data="none"))
+    with pytest.raises(ConfigError, match="max_new_tokens=600.*context of 512"):
+        grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "b", max_new_tokens=600))
+    with pytest.raises(ConfigError, match="max_length=1000.*context of 512"):
+        sft.train(sft.SFTConfig(model=str(tiny_model), output_dir=str(tmp_path / "c"), max_length=1000, max_steps=1,
+                                batch_size=2, progress=False, report=False, arith_rows=8))
+
+
+def test_settings_that_cannot_learn_are_refused():
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        grpo.GRPOConfig(num_generations=1)
+    with pytest.raises(ValueError, match="temperature"):
+        ppo.PPOConfig(temperature=0)
+
+
 def test_bad_prompt_rows_are_refused(tiny_model, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"question": "no prompt key"}) + "\n")
@@ -419,14 +443,17 @@ def test_length_reward_correlation_guard():
     assert length_correlation(lengths, torch.tensor([1.0, float("nan"), 3, 4, 5])) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_trainer_and_sampler_log_probs_agree_during_a_run(tiny_model, tmp_path, monkeypatch, lean):
-    """fp32, one update per rollout: each step samples from the weights it trains, so the log-probs
+@pytest.mark.parametrize("lean,module,mini_batches", [(True, grpo, 1), (False, grpo, 1), (True, grpo, 2), (True, ppo, 2)])
+def test_trainer_and_sampler_log_probs_agree_during_a_run(tiny_model, tmp_path, monkeypatch, lean, module,
+                                                          mini_batches):
+    """fp32: each step samples from the weights it trains, so before its first update the log-probs
     agree to float noise at every step, the weights moving between steps (a reward that varies),
-    whichever forward the trainer runs."""
+    whichever forward the trainer runs; with two updates a rollout the second is left out of the
+    measure (it differs by design)."""
     monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
-    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, eval_data="none", beta=0.0, mini_batches=1,
-                         reward="by_length", lean_forward=lean))
+    cls = grpo.GRPOConfig if module is grpo else ppo.PPOConfig
+    r = module.train(small(cls, tiny_model, tmp_path, eval_data="none", beta=0.0, mini_batches=mini_batches,
+                           reward="by_length", lean_forward=lean))
     recs = [m for m in metrics(r.run_dir) if "loss" in m]
     assert all(m["logp_gap"] < 1e-4 for m in recs) and all(m["grad_norm"] > 0 for m in recs)
 

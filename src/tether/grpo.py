@@ -38,6 +38,12 @@ class GRPOConfig(OnlineConfig):
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 
     @model_validator(mode="after")
+    def _groups(self):  # a group of one has advantage 0: nothing would be learned
+        if self.num_generations < 2:
+            raise ValueError("GRPO needs num_generations >= 2: its advantage compares the completions of one prompt")
+        return self
+
+    @model_validator(mode="after")
     def _vespo_sampler(self):  # VESPO folds the sampler's weights into its sequence ratio, per token (as TRL)
         if self.loss_type == "vespo" and self.sampler_mode().startswith("sequence"):
             raise ValueError(f"loss_type=vespo needs a token_* sampler_correction, not {self.sampler_correction}")

@@ -95,6 +95,27 @@ def with_cache(model, cache) -> dict:
     return {key: cache, "use_cache": True}
 
 
+def context_length(model) -> int | None:
+    """The longest sequence ``model`` declares it takes (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None where its config names none (ALiBi models)."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_context(model, needed: int, what: str) -> None:
+    """Refuse ``needed`` positions past the model's context: a model with learned positions (GPT-2,
+    OPT) fails deep in its embedding with an IndexError, a rotary one runs past what it was trained on."""
+    n = context_length(model)
+    if n is not None and needed > n:
+        raise ConfigError(f"{what} needs {needed} positions, past the model's context of {n} "
+                          f"({type(model).__name__})")
+
+
 def default_dtype() -> str:
     """"bf16" where the CPU (or GPU) computes bf16 natively, else "fp32". Emulated bf16 is slower
     than fp32, so tether only autocasts where it pays."""

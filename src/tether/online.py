@@ -36,8 +36,8 @@ from .evaluate import engine_texts, load_eval_rows, score_completions
 from .lora import LoraFields
 from .losses.policy import (SAMPLER_CORRECTIONS, EntropyTerms, PolicyLossConfig, high_entropy_mask, kl_estimate,
                             off_policy_mask, policy_loss, sampler_weights)
-from .modeling import (attention_mask_4d, autocast, custom_masks_exact, head_logits, load_causal_lm, load_tokenizer,
-                       padding_id, resolve_model_path)
+from .modeling import (attention_mask_4d, autocast, check_context, custom_masks_exact, head_logits, load_causal_lm,
+                       load_tokenizer, padding_id, resolve_model_path)
 from .rewards import RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
@@ -54,7 +54,7 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled per step")
     num_generations: int = Field(8, ge=1, description="completions per prompt (the group of GRPO / RLOO)")
     max_new_tokens: int = Field(16, ge=1, description="longest completion")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature (the trainer's log-probs use the same)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the trainer's log-probs use the same); > 0: a policy gradient needs sampled completions (greedy decoding has no gradient to follow)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     top_k: int = Field(0, ge=0, description="top-k sampling (0: off)")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO epochs, GRPO num_iterations)")
@@ -164,7 +164,8 @@ class MicroBatch:
     rows: torch.Tensor  # (n,) the completions of this micro-batch
     num_sequences: int  # sequences of the optimizer batch (mini-batch): the losses' normalisers
     num_tokens: float  # loss-carrying tokens of the optimizer batch
-    on_policy: bool  # no update since sampling: π_old = sg(π_θ) exactly (as TRL)
+    on_policy: bool  # the rollout's only update: π_old = sg(π_θ) exactly (as TRL)
+    before_update: bool = True  # no optimizer step yet since sampling: π_θ is the sampled policy
     # top_entropy_quantile's threshold and kept-token count over the optimizer batch, where it spans
     # several micro-batches (None: this micro-batch is the whole batch and gives them itself)
     entropy_threshold: torch.Tensor | None = None
@@ -259,10 +260,13 @@ class Session:
         self.rewards = make_rewards(cfg.reward, cfg.reward_on_invalid, cfg.reward_fallback)
         self.reward_norm = RunningNorm()
         self.prompts, self.metadata = self._load_prompts()
+        self.prompt_ids = [prompt_ids(self.tokenizer, p) for p in self.prompts]  # tokenized once, not every step
+        self._check_lengths()
         self.sampler = EpochSampler(len(self.prompts), cfg.seed)
         self.kl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         self.entropy = EntropyControl(cfg)
         self._entropy_stats = [0.0, 0.0]  # Σ H m and Σ m over the bonus's tokens since the last update
+        self._gap_stats = [0.0, 0.0]  # Σ |log π_θ - log π_sampler| m and Σ m before a rollout's first update
         self.correction = cfg.sampler_mode()
         # GRPO and REINFORCE take π_old = sg(π_θ) in the single update of a rollout (TRL's behaviour), so
         # a sampler correction needs no forward of its own there; PPO's loss reads stored log-probs
@@ -330,10 +334,23 @@ class Session:
             meta.append({k: v for k, v in r.data.items() if k != "prompt"})
         return prompts, meta
 
+    def _check_lengths(self) -> None:
+        """Refuse a prompt that cannot take max_new_tokens more within the model's context."""
+        if not self.prompt_ids:
+            raise DataError(f"{self.cfg.data}: no prompts to train on")
+        i = max(range(len(self.prompt_ids)), key=lambda j: len(self.prompt_ids[j]))
+        check_context(self.policy, len(self.prompt_ids[i]) + self.cfg.max_new_tokens,
+                      f"prompt {i + 1} ({len(self.prompt_ids[i])} tokens) plus max_new_tokens={self.cfg.max_new_tokens}")
+
     def _eval_rows(self) -> list[dict[str, str]]:
         cfg = self.cfg
         source = ("arith" if cfg.data == "arith" else "none") if cfg.eval_data == "auto" else cfg.eval_data
-        return [] if source == "none" else load_eval_rows(source, cfg.eval_samples, cfg.arith)
+        rows = [] if source == "none" else load_eval_rows(source, cfg.eval_samples, cfg.arith)
+        if rows:
+            longest = max(len(prompt_ids(self.tokenizer, r["prompt"])) for r in rows)
+            check_context(self.policy, longest + cfg.max_new_tokens,
+                          f"an evaluation prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens}")
+        return rows
 
     # -- the loop ------------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
@@ -350,7 +367,7 @@ class Session:
         """Stage 1: the next prompts and ``num_generations`` sampled completions of each."""
         t = time.perf_counter()
         idx = self.sampler.next(self.cfg.prompts_per_step)
-        ids = [prompt_ids(self.tokenizer, self.prompts[i]) for i in idx]
+        ids = [self.prompt_ids[i] for i in idx]
         roll = self.engine.generate(ids, self.params)
         self.timings["time/generate"] = time.perf_counter() - t
         self._step_prompts = idx
@@ -470,7 +487,7 @@ class Session:
                 threshold, n_ent = self._entropy_quantile(exp, micros) if len(micros) > 1 else (None, None)
                 for micro in micros:
                     batch = MicroBatch(micro, len(mb), n_tok, updates == 0 and cfg.epochs * cfg.mini_batches == 1,
-                                       threshold, n_ent)
+                                       updates == 0, threshold, n_ent)
                     loss, metrics = loss_fn(batch)
                     loss.backward()
                     for k, v in metrics.items():  # sums add up; extremes (``*_max``, ``*_min``) keep theirs
@@ -492,6 +509,10 @@ class Session:
         out = {k: v if k[-4:] in _ACCUMULATE else v / updates for k, v in totals.items()} if updates else {}
         if cfg.entropy_target is not None:
             out["entropy_coef"] = self.entropy.coef
+        gap, n = self._gap_stats
+        if n:
+            out["logp_gap"] = gap / n
+        self._gap_stats = [0.0, 0.0]
         self.timings["time/update"] = time.perf_counter() - t
         return out
 
@@ -545,12 +566,20 @@ class Session:
                                   loss_cfg, ref, num_sequences=batch.num_sequences, num_tokens=batch.num_tokens,
                                   sampler_weights=rho, keep=keep, entropy=self.entropy_terms(batch, entropy, exp.mask[rows]))
             m.update(sm)
-            # |log π_θ - log π_sampler| per token: 0 up to float noise before the first update, when the
-            # trainer and the rollout engine see the same weights (their agreement, measured every step)
-            gap = ((logps.detach() - exp.rollout.logprobs[rows]).abs() * exp.mask[rows]).nansum()
-            return loss, {**m, "entropy_sum": (entropy.detach() * exp.mask[rows]).sum(), "logp_gap_sum": gap}
+            self.measure_gap(batch, exp, logps)
+            return loss, {**m, "entropy_sum": (entropy.detach() * exp.mask[rows]).sum()}
 
         return loss_fn
+
+    def measure_gap(self, batch: MicroBatch, exp: Experience, logps: torch.Tensor) -> None:
+        """``logp_gap``: |log π_θ - log π_sampler| per token before the rollout's first update, when the
+        trainer and the engine hold the same weights (0 up to float noise where the engine is the
+        trainer's own forward in its dtype): their agreement, measured every step. Later updates
+        differ by design, and are left out."""
+        if batch.before_update:
+            mask = exp.mask[batch.rows]
+            self._gap_stats[0] += float(((logps.detach() - exp.rollout.logprobs[batch.rows]).abs() * mask).nansum())
+            self._gap_stats[1] += float(mask.sum())
 
     def sampler_terms(self, exp: Experience, rows: torch.Tensor, logps: torch.Tensor, adv: torch.Tensor,
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:

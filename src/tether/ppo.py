@@ -183,6 +183,7 @@ def train(cfg: PPOConfig) -> runs.FitResult:
             pl, m = policy_loss(logps, exp.old_logps[rows], adv[rows], exp.mask[rows], loss_cfg, ref,
                                 num_sequences=batch.num_sequences, num_tokens=batch.num_tokens, sampler_weights=rho,
                                 keep=keep, entropy=s.entropy_terms(batch, entropy, exp.mask[rows]))
+            s.measure_gap(batch, exp, logps)
             v = values(rows, h, roll)
             vl = value_loss(v, old_v[rows], returns[rows], exp.mask[rows], cfg.cliprange_value, batch.num_tokens)
             m = {**m, **sm, "value_loss": vl.detach(), "entropy_sum": (entropy.detach() * exp.mask[rows]).sum(),

@@ -22,7 +22,8 @@ from .arith import ArithSpec
 from .config import Config, ConfigError
 from . import lora
 from .data import EpochSampler
-from .modeling import compile_blocks, default_dtype, disable_dropout, load_causal_lm, same_attention_kernels
+from .modeling import (check_context, compile_blocks, default_dtype, disable_dropout, load_causal_lm,
+                       same_attention_kernels)
 from .runlog import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ def load_trainable(cfg: RunConfig, ckpt: Path | None, start_path: str | Path,
         model = lora.load_adapter(base, ckpt) if ckpt is not None else lora.apply(base, cfg, train_whole)
     else:
         model = load(ckpt or start_path)
+    if isinstance(getattr(cfg, "max_length", None), int):
+        check_context(model, cfg.max_length, f"max_length={cfg.max_length}")
     return train_mode(model, cfg)
 
 
