@@ -417,6 +417,20 @@ def test_judge_and_attribute_models_as_rewards(tiny_model):
         make_rewards("judg:/x")
 
 
+def test_normalised_runs_log_the_reward_itself(tiny_model, tmp_path, monkeypatch):
+    """reward_normalize=true trains on normalised rewards but logs the rewards themselves (reward,
+    completions.jsonl) beside the normalised mean."""
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, max_steps=2, eval_data="none", reward="by_length",
+                         reward_normalize=True))
+    logged = metrics(r.run_dir, "completions.jsonl")
+    for step, m in zip((1, 2), [m for m in metrics(r.run_dir) if "loss" in m]):
+        raw = [c["reward"] for c in logged if c["step"] == step]
+        assert all(x in (0.0, 1.0, 2.0, 3.0, 4.0) for x in raw)  # by_length's own scores
+        assert m["reward"] == pytest.approx(sum(raw) / 8, abs=1e-6)
+        assert m["reward/normalized_mean"] != pytest.approx(m["reward"], abs=1e-3)
+
+
 def test_running_reward_normalisation():
     from tether.rewards import RunningNorm
 

@@ -141,3 +141,18 @@ def test_sft_learns_on_the_embedded_model(embedded_model, tmp_path):
     assert r.eval_before["accuracy"] < 0.10
     assert r.eval_after["accuracy"] >= 0.12
     assert r.eval_after["accuracy"] - r.eval_before["accuracy"] >= 0.08 - 1e-9  # k / n: an exact +8 passes
+
+
+def test_a_non_finite_gradient_stops_before_the_step():
+    """A NaN loss's gradient reaches no weight: the run stops with a message (the CLI prints it)."""
+    from tether import runs
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    (w * float("nan")).sum().backward()
+    with pytest.raises(runs.TrainingDiverged, match="not finite|nan"):
+        runs.optimizer_step([w], opt, None, 1.0)
+    assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    (w * 2).sum().backward()
+    assert runs.optimizer_step([w], opt, None, 0.0) == pytest.approx(2 * 3 ** 0.5)
+    assert not torch.equal(w.detach(), torch.ones(3))

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .checkpoint import CheckpointError  # noqa: E402
 from .config import Config, ConfigError  # noqa: E402
+from .runs import TrainingDiverged  # noqa: E402
 
 
 def _quiet_transformers() -> None:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tether {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, TrainingDiverged) as e:
         print(f"tether {args.command}: error: {e}", file=sys.stderr)
         return 1
 

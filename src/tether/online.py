@@ -380,10 +380,14 @@ class Session:
         prompts = [self.prompts[i] for i in idx for _ in range(n)]
         meta = [self.metadata[i] for i in idx for _ in range(n)]
         rewards, metrics = self.rewards(prompts, roll.texts, meta)
+        self._step_rewards = rewards  # what completions.jsonl shows, before any normalisation
         metrics["reward/length_corr"] = length_correlation(roll.mask.sum(-1), rewards)  # reward-hacking guard
-        if self.cfg.reward_normalize:
-            metrics["reward/raw_mean"] = float(rewards.nanmean())
+        if self.cfg.reward_normalize:  # logged: the reward itself; trained on: its normalised value
+            ok = rewards[~torch.isnan(rewards)]
+            metrics.update(reward=float(ok.mean()) if len(ok) else math.nan,
+                           reward_std=float(ok.std()) if len(ok) > 1 else 0.0)
             rewards = self.reward_norm(rewards)
+            metrics["reward/normalized_mean"] = float(rewards.nanmean())
         self.timings["time/reward"] = time.perf_counter() - t
         return rewards, metrics
 
@@ -647,12 +651,12 @@ class Session:
 
     def _log_completions(self, step: int, exp: Experience) -> None:
         """The step's first ``log_completions`` completions, one JSON line each, to completions.jsonl:
-        what the policy writes and the reward it got (as trained on: after ``reward_normalize``; null
-        where dropped). A resumed run's file is cut back to its checkpoint, as metrics.jsonl."""
+        what the policy writes and the reward it got (before ``reward_normalize``; null where dropped).
+        A resumed run's file is cut back to its checkpoint, as metrics.jsonl."""
         roll, n = exp.rollout, self.cfg.num_generations
         lines = []
         for i in range(min(self.cfg.log_completions, len(exp))):
-            r = float(exp.rewards[i])
+            r = float(self._step_rewards[i])
             lines.append(json.dumps({"step": step, "prompt": self.prompts[self._step_prompts[i // n]],
                                      "completion": roll.texts[i], "reward": None if math.isnan(r) else r,
                                      "tokens": int(roll.mask[i].sum()), "truncated": bool(roll.truncated[i])}) + "\n")

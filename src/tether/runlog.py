@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # tensorboard is an optional extra
-                raise RuntimeError("tensorboard=true needs the 'tensorboard' package: pip install 'tether[tensorboard]'") from e
+                raise ConfigError("tensorboard=true needs the 'tensorboard' package: pip install 'tether[tensorboard]'") from e
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:

@@ -209,10 +209,21 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or its gradient is not finite: an optimizer step would write NaN into every weight."""
+
+
 def optimizer_step(params, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the global gradient norm of ``params`` (0: no clipping), step, advance the schedule (if
-    one is given), clear the gradients; returns the pre-clip norm."""
+    one is given), clear the gradients; returns the pre-clip norm. A gradient that is not finite stops
+    the run before the step (:class:`TrainingDiverged`): AdamW would turn it into NaN weights for good,
+    and the run would go on to save them."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"the gradient norm is {float(norm)} (a NaN or infinite loss): stopped before the weights "
+                               "took it. Lower lr, set max_grad_norm, or check the data; resume=true continues from the "
+                               "last checkpoint")
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
