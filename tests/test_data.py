@@ -168,3 +168,35 @@ def test_sampler_covers_each_epoch_and_resumes_exactly():
     t = EpochSampler(10, seed=3)
     t.load_state_dict(state)
     assert t.next(13) == rest
+
+
+def test_csv_cells_stay_text(tmp_path, tokenizer):
+    """A CSV cell is text: a completion " 23" and an answer "007" stay the strings they are (through
+    ``datasets`` they became the ints 23 and 7, and SFT refused the row as "not a string"); quoted
+    cells keep their commas and newlines; an empty cell is ""."""
+    f = tmp_path / "d.csv"
+    f.write_text('prompt,completion,answer,note\n"What is 20 + 3?\nAnswer:", 23,007,\n"Q: 1, 2 or 3?", 3,3,x\n')
+    rows = read_rows(f)
+    assert [r.data for r in rows] == [
+        {"prompt": "What is 20 + 3?\nAnswer:", "completion": " 23", "answer": "007", "note": ""},
+        {"prompt": "Q: 1, 2 or 3?", "completion": " 3", "answer": "3", "note": "x"}]
+    exs, stats = tokenize_sft(rows, tokenizer, 64)
+    assert stats.rows == 2
+    trained = exs[0].input_ids[exs[0].loss_mask.index(1):]  # the completion and its EOS
+    assert trained == tokenizer(" 23", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_csv_errors_name_the_file_line(tmp_path, tokenizer):
+    """CSV errors point at the file's line as JSONL's do (header line 1, first row line 2; a row whose
+    quoted cell spans lines is named by its first line), not a 0-based row index."""
+    f = tmp_path / "d.csv"
+    f.write_text('prompt,completion\nQ:, a\n"multi\nline",\nQ:, b\n')
+    with pytest.raises(DataError, match=r"d\.csv:3: empty completion"):
+        tokenize_sft(read_rows(f), tokenizer, 64)
+    g = tmp_path / "e.csv"
+    g.write_text('prompt,completion\nQ:, a\n\nQ:, b, extra\nQ:, c\n')
+    with pytest.raises(DataError, match=r"e\.csv:4: malformed row: 3 cells for 2 columns"):
+        read_rows(g)
+    stats = DataStats()
+    assert [r.where for r in read_rows(g, skip_bad_rows=True, stats=stats)] == [f"{g}:2", f"{g}:5"]
+    assert stats.skipped_bad == 1

@@ -1,7 +1,12 @@
-"""Verifiers: maths equivalence via math-verify, QA exact match / F1 on hand-worked cases, format."""
+"""Verifiers: maths equivalence via math-verify, QA exact match / F1 on hand-worked cases, format;
+rows without a usable reference or tests are invalid on their own, never wrong, right or a batch error."""
+
+import math
 
 import pytest
 import torch
+
+from tether import verifiers
 
 from tether.rewards import make_rewards
 from tether.verifiers import (extract_tagged, final_number_equal, format_ok, math_equal, normalize_answer,
@@ -63,3 +68,80 @@ def test_verdict_reasons_are_counted_in_reward_metrics():
     torch.testing.assert_close(r, torch.tensor([1.5, 0.5, 0.0]))
     assert m["reward/math/correct"] == 1 and m["reward/math/wrong"] == 1 and m["reward/math/no_answer"] == 1
     assert m["reward/format/ok"] == 2 and m["reward/format/missing"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# References: scalars, lists, missing ones
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qa_em", "qa_f1"])
+def test_qa_rewards_take_a_numeric_answer_as_one_reference(name):
+    """``{"answer": 42}`` is one gold answer "42" (``list(42)`` raised and invalidated the batch);
+    a list of answers stays several."""
+    r, m = make_rewards(name)(["q"] * 4, ["<answer>42</answer>", "41", "<answer>Paris</answer>", "3.5"],
+                              [{"answer": 42}, {"answer": 42}, {"answers": ["paris", "France"]}, {"answers": [3.5, 7]}])
+    assert r.tolist() == [1.0, 0.0, 1.0, 1.0] and m[f"reward/{name}/invalid"] == 0
+
+
+@pytest.mark.parametrize("name,good,gold", [("qa_em", "Paris", "paris"), ("qa_f1", "Paris", "paris"),
+                                            ("math", "3", "3"), ("exact_match", "3", 3), ("answer_in_numbers", "3", 3)])
+def test_a_missing_reference_is_invalid_for_that_sample_only(name, good, gold):
+    """No answer (key absent, None, [] or blank) cannot be scored: NaN with reason ``no_reference``,
+    counted as invalid, the other samples scored as usual (``math`` said "wrong" for None; a missing key
+    raised KeyError and invalidated the whole batch)."""
+    metadata = [{"answer": gold}, {}, {"answer": None}, {"answers": []}, {"answer": "  "}]
+    r, m = make_rewards(name, on_invalid="drop")(["q"] * 5, [f"<answer>{good}</answer>"] * 5, metadata)
+    assert r[0] == 1.0 and torch.isnan(r[1:]).all()
+    assert m[f"reward/{name}/invalid"] == 4 and m[f"reward/{name}/no_reference"] == 4 and m["reward/dropped"] == 4
+
+
+def test_references_as_verifier_arguments():
+    assert qa_exact_match("42", 42).score == 1.0 and qa_f1("forty two", 42).score == 0.0
+    assert qa_exact_match("Paris", {"text": ["paris"], "answer_start": [0]}).score == 1.0  # SQuAD's answers
+    for v in (qa_exact_match("x", []), qa_f1("x", None), math_equal("3", None), final_number_equal("3", None)):
+        assert math.isnan(v.score) and v.reason == "no_reference"
+    assert math_equal("\\boxed{3}", ["2", "3"]).reason == "correct"  # any of several references
+    assert final_number_equal(" = 7", 7.0).score == 1.0 and final_number_equal(" = 7", " 7").score == 1.0
+    v = final_number_equal(" = 7", "7.5")  # not a whole number: int() raised for the whole batch
+    assert math.isnan(v.score) and v.reason == "unparsable_reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# The code verifier's tests field
+# ---------------------------------------------------------------------------------------------
+class RecordingPool:
+    """Stands in for the sandbox pool: records the jobs, passes every test."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def map(self, jobs):
+        from tether.sandbox import SandboxResult
+
+        self.jobs += jobs
+        return [SandboxResult("passed", passed=len(tests), total=len(tests)) for _, tests in jobs]
+
+
+def test_code_tests_field_one_string_is_one_test_and_no_tests_is_invalid(monkeypatch):
+    """A string is one test (it was split into characters, 16 one-character "tests"); an empty list,
+    blank tests, a missing key or None are ``no_tests``, and non-strings ``bad_tests``: invalid and
+    counted, never sent to a sandbox (an empty list scored 1.0 for any code that loaded: a reward for
+    nothing; a missing key raised KeyError and invalidated the whole batch)."""
+    pool = RecordingPool()
+    monkeypatch.setattr(verifiers, "_POOL", pool)
+    metadata = [{"tests": "assert f(2) == 4"}, {"tests": ["assert f(1) == 2", "assert f(0) == 0"]}, {"tests": []},
+                {"tests": [" "]}, {}, {"tests": None}, {"tests": 3}, {"tests": ["assert f(1) == 2", 5]}]
+    r, m = make_rewards("code")(["p"] * 8, ["def f(x):\n    return 2 * x"] * 8, metadata)
+    assert [tests for _, tests in pool.jobs] == [["assert f(2) == 4"], ["assert f(1) == 2", "assert f(0) == 0"]]
+    assert r.tolist() == [1.0, 1.0] + [0.0] * 6  # the fallback for the invalid ones
+    assert m["reward/code/invalid"] == 6 and m["reward/code/no_tests"] == 4 and m["reward/code/bad_tests"] == 2
+    assert m["reward/code/passed"] == 2
+
+
+def test_code_reward_runs_a_single_string_test_in_the_sandbox():
+    from tether.sandbox import available
+
+    if available() is not None:
+        pytest.skip(f"sandbox unavailable: {available()}")
+    completions = ["```python\ndef f(x):\n    return x * x\n```", "def f(x):\n    return x + 1"]
+    r, m = make_rewards("code")(["p"] * 2, completions, [{"tests": "assert f(3) == 9"}] * 2)
+    assert r.tolist() == [1.0, 0.0] and m["reward/code/passed"] == 1 and m["reward/code/failed"] == 1

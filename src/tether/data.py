@@ -16,8 +16,10 @@ Notation: ``B`` rows in a batch, ``T`` padded length.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ class DataError(ValueError):
 
 @dataclass
 class Row:
-    where: str  # "file.jsonl:12" or "dataset row 12": what an error message points at
+    where: str  # "file.jsonl:12" / "file.csv:12" (file lines, from 1) or "dataset row 12": what an error points at
     data: dict[str, Any]
 
 
@@ -72,10 +74,11 @@ class DataStats:
 # ---------------------------------------------------------------------------------------------
 def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = False,
               stats: DataStats | None = None) -> list[Row]:
-    """Rows from a ``.jsonl`` file, a folder written by ``datasets.save_to_disk``, any other file
-    ``datasets.load_dataset`` reads (``.json``, ``.parquet``, ``.csv``), a ``datasets.Dataset`` or a
-    list of dicts. A row that is not a JSON object is a :class:`DataError` naming file and line
-    (or, with ``skip_bad_rows``, counted in ``stats`` and skipped)."""
+    """Rows from a ``.jsonl`` file, a ``.csv`` file (every cell a string: :func:`_read_csv`), a folder
+    written by ``datasets.save_to_disk``, any other file ``datasets.load_dataset`` reads (``.json``,
+    ``.parquet``), a ``datasets.Dataset`` or a list of dicts. A row that is not a JSON object, or a
+    CSV line with more cells than the header, is a :class:`DataError` naming file and line (or, with
+    ``skip_bad_rows``, counted in ``stats`` and skipped)."""
     stats = stats if stats is not None else DataStats()
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -83,6 +86,8 @@ def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = F
             raise DataError(f"data not found: {path}")
         if path.suffix == ".jsonl":
             return _read_jsonl(path, skip_bad_rows, stats)
+        if path.suffix == ".csv" and path.is_file():
+            return _read_csv(path, skip_bad_rows, stats)
         import datasets
 
         if path.is_dir():
@@ -92,7 +97,7 @@ def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = F
                     raise DataError(f"{path}: a DatasetDict without a 'train' split ({list(ds)})")
                 ds = ds["train"]
         else:
-            kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+            kind = {".json": "json", ".parquet": "parquet"}.get(path.suffix)
             if kind is None:
                 raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .parquet, .csv or a datasets folder)")
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
@@ -115,6 +120,47 @@ def _read_jsonl(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
                 _bad(stats, skip_bad_rows, f"{where}: malformed row: {e}")
                 continue
             rows.append(Row(where, obj))
+    return rows
+
+
+def _read_csv(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
+    """Rows of a CSV file with a header line, every cell a string (an empty cell is ""; a line with
+    fewer cells than the header has ``None`` for the missing ones). CSV cells are text: through
+    ``datasets`` (pandas) a completion " 23" became the int 23, which SFT then refused as "not a
+    string", and an answer "007" became 7. Errors name the file line as JSONL's do (``data.csv:2`` is
+    the first row after the header line 1; a quoted cell may span lines: its row's first line)."""
+    rows = []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long completions and code: above the 128 KiB default
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(f)
+            header: list[str] | None = None
+            while True:
+                start = reader.line_num + 1  # where the next row begins
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # a broken quote: the rest of the file cannot be split into rows
+                    raise DataError(f"{path}:{start}: malformed CSV: {e}") from None
+                if not cells:  # a blank line
+                    continue
+                if header is None:  # an unnamed column (pandas' index) is named as pandas names it
+                    header = [c or f"Unnamed: {i}" for i, c in enumerate(cells)]
+                    twice = sorted({c for c in header if header.count(c) > 1})
+                    if twice:
+                        raise DataError(f"{path}:{start}: the header names column(s) {twice} more than once")
+                    continue
+                where = f"{path}:{start}"
+                if len(cells) > len(header):
+                    _bad(stats, skip_bad_rows, f"{where}: malformed row: {len(cells)} cells for {len(header)} columns")
+                    continue
+                rows.append(Row(where, dict(zip(header, cells + [None] * (len(header) - len(cells))))))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 

@@ -331,7 +331,8 @@ class Session:
             if not isinstance(p, str) or not p:
                 raise DataError(f"{r.where}: online RL rows need a non-empty 'prompt' (text or chat messages)")
             prompts.append(p)
-            meta.append({k: v for k, v in r.data.items() if k != "prompt"})
+            # chat prompts keep their messages: TRL-style reward functions take them (rewards.TRLReward)
+            meta.append({k: v for k, v in r.data.items() if k != "prompt" or isinstance(v, list)})
         return prompts, meta
 
     def _check_lengths(self) -> None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -30,6 +31,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from . import verifiers
+from .config import ConfigError
 from .verifiers import Verdict, final_number_equal
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,26 @@ class RewardFn(Protocol):
 
 def arith_exact_match(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[Verdict]:
     """1.0 when the completion's final integer equals ``metadata["answer"]`` (the arithmetic
-    world's verifier, :func:`tether.verifiers.final_number_equal`), else 0.0."""
-    return [final_number_equal(c, m["answer"]) for c, m in zip(completions, metadata)]
+    world's verifier, :func:`tether.verifiers.final_number_equal`), else 0.0. A row without an
+    answer is invalid on its own (``m["answer"]`` raised KeyError and invalidated the whole batch)."""
+    return [final_number_equal(c, m.get("answer")) for c, m in zip(completions, metadata)]
 
 
-def answer_in_numbers(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+def answer_in_numbers(prompts: list[str], completions: list[str],
+                      metadata: list[dict[str, Any]]) -> list[float | Verdict]:
     """1.0 when ``metadata["answer"]`` is one of the completion's whole numbers (maximal digit runs)
-    anywhere, else 0.0: a lenient verifier (the peer benchmark's reward)."""
-    return [float(str(m["answer"]) in _DIGITS.findall(c)) for c, m in zip(completions, metadata)]
+    anywhere, else 0.0: a lenient verifier (the peer benchmark's reward). A row without an answer is
+    invalid (NaN, reason ``no_reference``), as in the other verifiers: ``str(None)`` never matched, so
+    it scored a silent 0."""
+    out: list[float | Verdict] = []
+    for c, m in zip(completions, metadata):
+        golds = verifiers.reference_answers(m, ("answer",))
+        if golds is None:
+            out.append(Verdict(math.nan, "no_reference"))
+        else:
+            found = _DIGITS.findall(c)
+            out.append(float(any(g.strip() in found for g in golds)))
+    return out
 
 
 _DIGITS = re.compile(r"\d+")
@@ -129,9 +143,9 @@ class ModelReward:
     regression-head model), ``judge`` (log p(yes) - log p(no))."""
 
     def __init__(self, kind: str, path: str):
-        from pathlib import Path
-
         self.kind, self.path = kind, path
+        if kind in ("rm", "attributes", "judge"):
+            check_scorer_folder(kind, path)
         if kind == "rm":
             from .reward import RewardScorer
 
@@ -153,6 +167,59 @@ class ModelReward:
             return self.scorer(prompts, completions).float().tolist()
 
 
+# The classes transformers names a checkpoint with: a causal LM's, and a scorer's (what `tether reward`
+# and `tether attributes` save: AutoModelForSequenceClassification, e.g. Qwen2ForSequenceClassification).
+_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_SCORER_ARCHITECTURE = "ForSequenceClassification"
+_SCORE_HEADS = ("score", "classifier")  # what the head is called in a LoRA adapter's modules_to_save
+
+
+def check_scorer_folder(kind: str, path: str) -> Path:
+    """Refuse, with a :class:`~tether.config.ConfigError` naming ``path``, a model reward whose folder
+    cannot be what ``kind`` needs, before transformers loads it:
+
+    * a path that does not exist, or a folder without ``config.json`` (transformers would take the
+      name for a Hugging Face hub id and fail with a network traceback that never names the path);
+    * for ``rm:`` / ``attributes:``, a causal LM (``LlamaForCausalLM``, …) or a LoRA adapter without a
+      trained head: ``AutoModelForSequenceClassification`` loads one with a *randomly initialised*
+      score head, and training would silently optimise noise. Accepted: what ``tether reward`` and
+      ``tether attributes`` save, a ``*ForSequenceClassification`` folder, or a LoRA checkpoint whose
+      adapter carries the head in ``modules_to_save``;
+    * for ``judge:``, a sequence-classification model (it has no LM head to say yes or no with).
+    """
+    spec = f"reward {kind}:{path}"
+    folder = Path(path).expanduser()
+    if not path or not folder.exists():
+        raise ConfigError(f"{spec}: no such model folder: {folder} (a local transformers folder is needed, "
+                          f"e.g. a `tether reward` run's final/; hub ids are not downloaded)")
+    if not folder.is_dir():
+        raise ConfigError(f"{spec}: {folder} is a file, not a model folder")
+    from . import lora
+
+    if lora.is_adapter_folder(folder):
+        saved = json.loads((folder / lora.ADAPTER_CONFIG).read_text()).get("modules_to_save") or []
+        if kind != "judge" and not any(h in saved for h in _SCORE_HEADS):
+            raise ConfigError(f"{spec}: {folder} is a LoRA adapter of a causal language model (no trained score head "
+                              f"in its modules_to_save); its head would be random. Use a `tether reward` run's "
+                              f"checkpoint or final/, or judge:{path} to score with a generative judge")
+        return folder
+    if not (folder / "config.json").is_file():
+        hint = f"; did you mean {folder / 'final'}?" if (folder / "final" / "config.json").is_file() else ""
+        raise ConfigError(f"{spec}: {folder} is not a transformers model folder (no config.json){hint}")
+    archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    scorer = any(a.endswith(_SCORER_ARCHITECTURE) for a in archs)
+    if kind in ("rm", "attributes") and archs and not scorer:
+        what = "a causal language model" if any(a.endswith(_LM_ARCHITECTURES) for a in archs) else "not a reward model"
+        raise ConfigError(f"{spec}: {folder} is {what} ({', '.join(archs)}), with no sequence-classification head: "
+                          f"loaded as a reward model its score head would be randomly initialised. Train one from it "
+                          f"with `tether reward model={path}`, or use judge:{path} to score with it as a generative "
+                          "judge (log p(yes) - log p(no))")
+    if kind == "judge" and archs and scorer:
+        raise ConfigError(f"{spec}: {folder} is a sequence-classification model ({', '.join(archs)}), not a causal LM "
+                          f"that can judge; use rm:{path} for a Bradley-Terry reward model")
+    return folder
+
+
 def _attribute_setup(path) -> tuple[list[str], torch.Tensor | None]:
     """Attribute names and weights of a trained attributes model, from its run's config.yaml."""
     import yaml
@@ -168,12 +235,73 @@ def _attribute_setup(path) -> tuple[list[str], torch.Tensor | None]:
     return list(ATTRIBUTES), None
 
 
+# TRL's convention (GRPOTrainer reward_funcs, TRL 1.16): f(prompts=, completions=, completion_ids=,
+# trainer_state=, log_extra=, log_metric=, **columns), every data column but prompt/completion a
+# keyword holding one value per sample, returning one float (or None) per sample.
+_TRL_KEYWORDS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+# columns that are not passed as keywords: TRL's own exclusions, and the two names tether fills itself
+_NOT_COLUMNS = frozenset({"prompt", "completion", "completion_ids", "prompts", "completions"})
+# what tether's form calls its third parameter (the docs' `metadata`; `meta` in the tests and examples)
+_METADATA_NAMES = frozenset({"metadata", "meta"})
+
+
+class TRLReward:
+    """A TRL-style reward function as a tether one: called ``fn(prompts=, completions=, **columns)``
+    with one list per data column of the batch's metadata (``answer=[...]``), as TRL's GRPOTrainer
+    calls it. ``conversational``: pass the prompts as the rows' chat messages and each completion as
+    ``[{"role": "assistant", "content": text}]``, as TRL does for chat data; None (default) decides
+    per batch: conversational when every row's metadata holds its ``prompt`` as a list of messages.
+    TRL's ``completion_ids``, ``trainer_state``, ``log_extra`` and ``log_metric`` are not passed:
+    tether scores text and has no TRL trainer state."""
+
+    def __init__(self, fn: Callable[..., Sequence[RewardValue]], name: str = "", conversational: bool | None = None):
+        params = inspect.signature(fn).parameters.values()
+        self.fn, self.name, self.conversational = fn, name or getattr(fn, "__name__", "reward"), conversational
+        self.var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+        named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self.accepted = {p.name for p in named}
+        self.required = [p.name for p in named if p.default is p.empty]
+
+    def __call__(self, prompts: list[str], completions: list[str],
+                 metadata: list[dict[str, Any]]) -> Sequence[RewardValue]:
+        conversational = self.conversational
+        if conversational is None:
+            conversational = bool(metadata) and all(isinstance(m.get("prompt"), list) for m in metadata)
+        prompt_arg: list[Any] = prompts
+        completion_arg: list[Any] = completions
+        if conversational:
+            if not all(isinstance(m.get("prompt"), list) for m in metadata):
+                raise ValueError(f"{self.name}: conversational, but the rows' metadata holds no 'prompt' messages")
+            prompt_arg = [m["prompt"] for m in metadata]
+            completion_arg = [[{"role": "assistant", "content": c}] for c in completions]
+        columns = dict.fromkeys(k for m in metadata for k in m if k not in _NOT_COLUMNS)
+        kwargs = {"prompts": prompt_arg, "completions": completion_arg,
+                  **{k: [m.get(k) for m in metadata] for k in columns}}
+        if not self.var_keyword:  # only what it names: a column it does not take is not an error
+            kwargs = {k: v for k, v in kwargs.items() if k in self.accepted}
+        missing = [k for k in self.required if k not in kwargs]
+        if missing:
+            raise ValueError(f"{self.name} needs {', '.join(missing)}, which the rows do not have as data columns "
+                             f"(columns: {', '.join(columns) or 'none'})")
+        return self.fn(**kwargs)
+
+
 def load_python_reward(ref: str) -> RewardFn:
     """A reward function of the user's own, named ``FILE.py:NAME`` or ``package.module:NAME`` (what
-    ``reward=py:REF`` loads). It takes tether's ``(prompts, completions, metadata)``, or TRL's keyword
-    convention ``(prompts=, completions=, **columns)`` with one list per data column (``answer=[...]``),
-    so TRL reward functions run unchanged. Refused here, before any training, if it cannot be found
-    or called either way."""
+    ``reward=py:REF`` loads), in one of two forms, told apart by its signature:
+
+    * tether's ``f(prompts, completions, metadata)``: exactly three positional parameters (more only
+      with defaults), called positionally, ``metadata`` one dict per sample;
+    * TRL's ``f(prompts, completions, **kwargs)``: called with keywords, one list per data column
+      (``answer=[...]``), so TRL reward functions run unchanged (:class:`TRLReward`, conversational
+      prompts and completions as TRL passes them when the rows carry their chat messages).
+
+    A function is TRL's when it takes ``**kwargs``, when a parameter after the first two is one of
+    TRL's keywords (``completion_ids``, ``trainer_state``, …) or keyword-only, or when it needs more
+    than three arguments. With exactly three and no ``**kwargs`` the third's name decides: ``metadata``
+    (or ``meta``) is tether's form; a name that is a data column of the batch (``answer``) receives
+    that column, TRL's way; any other name gets the metadata (tether's form, as before). Refused here,
+    before any training, if it cannot be found or called either way."""
     target, sep, name = ref.rpartition(":")
     if not sep or not target or not name:
         raise ValueError(f"reward py:{ref}: expected py:FILE.py:NAME or py:package.module:NAME")
@@ -192,18 +320,48 @@ def load_python_reward(ref: str) -> RewardFn:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"reward py:{ref}: {target} has no function {name!r}")
-    params = list(inspect.signature(fn).parameters.values())
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    neither = ValueError(f"reward py:{ref}: {name}{sig} takes neither (prompts, completions, metadata) "
+                         "nor TRL's (prompts, completions, **kwargs)")
+    # The old test was "3+ positional parameters means tether's form", which sent the metadata dicts
+    # to `answer` in TRL's `f(prompts, completions, answer, **kwargs)`; TRL's form is told by **kwargs
+    # and by keyword names instead, tether's by being callable with exactly three arguments.
+    try:
+        sig.bind(None, None, None)
+        tether_callable = True
+    except TypeError:
+        tether_callable = False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind is p.VAR_KEYWORD for p in params) and len(positional) < 3:
-        def trl_style(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]):
-            keys = dict.fromkeys(k for m in metadata for k in m if k not in ("prompts", "completions"))
-            return fn(prompts=prompts, completions=completions, **{k: [m.get(k) for m in metadata] for k in keys})
-
-        return trl_style
-    if len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params):
+    extra_names = {p.name for p in positional[2:]} | {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    by_keyword = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    # TRL calls with keywords only: prompts= and completions= must land somewhere, and nothing may
+    # need to be passed positionally
+    trl_callable = ((var_keyword or {"prompts", "completions"} <= by_keyword)
+                    and not any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in params))
+    keyword_only = any(p.kind is p.KEYWORD_ONLY for p in params)
+    if trl_callable and (var_keyword or extra_names & _TRL_KEYWORDS or keyword_only or not tether_callable):
+        unsupplied = [p.name for p in params if p.name in _TRL_KEYWORDS and p.default is p.empty
+                      and p.kind is not p.VAR_KEYWORD]
+        if unsupplied:
+            raise ValueError(f"reward py:{ref}: {name}{sig} requires {', '.join(unsupplied)}, which tether does not "
+                             "pass (rewards see text, not token ids or TRL's trainer state); give it a default")
+        return TRLReward(fn, f"py:{ref}")
+    if not tether_callable:
+        raise neither
+    third = positional[2].name if len(positional) >= 3 else None
+    if not trl_callable or third is None or third in _METADATA_NAMES:
         return fn
-    raise ValueError(f"reward py:{ref}: {name}{inspect.signature(fn)} takes neither (prompts, completions, metadata) "
-                     "nor TRL's (prompts, completions, **columns)")
+    trl = TRLReward(fn, f"py:{ref}")
+
+    def by_column(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> Sequence[RewardValue]:
+        # f(prompts, completions, answer): the third parameter names a data column, TRL's way
+        if third not in _NOT_COLUMNS and any(third in m for m in metadata):
+            return trl(prompts, completions, metadata)
+        return fn(prompts, completions, metadata)
+
+    return by_column
 
 
 def make_rewards(spec: str | dict[str, float], on_invalid: str = "fallback", fallback: float = 0.0,
