@@ -116,6 +116,27 @@ def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy)
         assert recs[0]["reward/dropped"] == 6
 
 
+def test_a_reward_that_never_scores_stops_the_run(tiny_model, tmp_path, monkeypatch):
+    """A reward that scores none of a step's completions max_invalid_steps steps running stops the run
+    with the reason (it raised; the rows lack its field), instead of training to the end on fallbacks."""
+    from tether.data import DataError
+
+    def broken(prompts, completions, meta):
+        raise KeyError("answer")
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "broken", broken)
+    with pytest.raises(DataError, match="broken scored none of the 8 completions of 2 steps running.*raised"):
+        grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "a", reward="broken", eval_data="none",
+                         max_steps=5, max_invalid_steps=2))
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?"}) + "\n" for i in range(4)))  # no answer
+    with pytest.raises(DataError, match="exact_match scored none.*no_reference"):
+        grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "b", data=str(data), eval_data="none", max_steps=5))
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "c", reward="broken", eval_data="none",
+                         max_invalid_steps=0))  # told to go on: it does
+    assert r.steps == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainers end to end, resume
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     reward: str | dict[str, float] = Field("exact_match", description="reward name, or {name: weight} for a weighted sum")
     reward_on_invalid: Literal["fallback", "drop"] = Field("fallback", description="a None/NaN/inf score or a raising reward: use reward_fallback, or drop the sample")
     reward_fallback: float = Field(0.0, description="score given to an invalid one under reward_on_invalid=fallback")
+    max_invalid_steps: int = Field(3, ge=0, description="stop the run when a reward function scored none of a step's completions (every score invalid: it raised, or no sample had what it needs) this many steps running: a broken reward or data set, not noise (0: never stop)")
     reward_normalize: bool = Field(False, description="normalise the total reward by its running mean and std (state kept in checkpoints)")
     mask_truncated_completions: bool = Field(False, description="no loss on completions that hit max_new_tokens without EOS")
     eval_data: str = Field("auto", description="'arith', a file of {prompt, answer} rows, 'none', or 'auto' (arith when data=arith)")
@@ -381,6 +382,7 @@ class Session:
         prompts = [self.prompts[i] for i in idx for _ in range(n)]
         meta = [self.metadata[i] for i in idx for _ in range(n)]
         rewards, metrics = self.rewards(prompts, roll.texts, meta)
+        self._check_rewards(metrics, len(prompts))
         self._step_rewards = rewards  # what completions.jsonl shows, before any normalisation
         metrics["reward/length_corr"] = length_correlation(roll.mask.sum(-1), rewards)  # reward-hacking guard
         if self.cfg.reward_normalize:  # logged: the reward itself; trained on: its normalised value
@@ -391,6 +393,20 @@ class Session:
             metrics["reward/normalized_mean"] = float(rewards.nanmean())
         self.timings["time/reward"] = time.perf_counter() - t
         return rewards, metrics
+
+    def _check_rewards(self, metrics: dict[str, float], n: int) -> None:
+        """Count the steps running in which some reward function scored nothing; past
+        ``max_invalid_steps`` stop with what it said, rather than train to the end on fallback values."""
+        broken = [k.split("/")[1] for k, v in metrics.items() if k.endswith("/invalid") and v == n]
+        self._invalid_steps = self._invalid_steps + 1 if broken else 0
+        if broken and self.cfg.max_invalid_steps and self._invalid_steps >= self.cfg.max_invalid_steps:
+            why = {k.split("/")[-1]: int(v) for k, v in metrics.items()
+                   if k.startswith(f"reward/{broken[0]}/") and not k.endswith(("/mean", "/std", "/invalid", "/invalid_frac"))}
+            raise DataError(f"reward {', '.join(broken)} scored none of the {n} completions of {self._invalid_steps} steps "
+                            f"running ({why or 'it raised: see the warnings above'}): check that the rows carry what it "
+                            "needs (answer, tests…) and that it runs; max_invalid_steps=0 trains on regardless")
+
+    _invalid_steps = 0
 
     def experience(self, roll: Rollout, rewards: torch.Tensor, keep: torch.Tensor | None = None,
                    states: bool = False) -> Experience:

@@ -286,7 +286,8 @@ def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     # what does not change the trajectory: logging, checkpointing, where the run lives, evaluation (greedy:
     # it draws no random numbers), and the step budget where the schedule does not depend on it
     free = {"resume", "overwrite", "progress", "stop_at_step", "save_every", "keep_checkpoints", "report",
-            "tensorboard", "threads", "model", "log_completions", "output_dir", "eval_every", "eval_samples"}
+            "tensorboard", "threads", "model", "log_completions", "output_dir", "eval_every", "eval_samples",
+            "max_invalid_steps"}
     if now.get("schedule") == "constant" and then.get("schedule") == "constant":
         free.add("max_steps")
     changed = [k for k in now if k not in free and then.get(k) != now[k]]
