@@ -363,6 +363,26 @@ def test_lengths_past_the_context_are_refused(tiny_model, tmp_path):
                                 batch_size=2, progress=False, report=False, arith_rows=8))
 
 
+def test_settings_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="critic=separate"):
+        ppo.PPOConfig(critic_model="x")
+    with pytest.raises(ValueError, match="head_trains_backbone=false"):
+        ppo.PPOConfig(critic_fit="least_squares", head_trains_backbone=True)
+    with pytest.raises(ValueError, match="without lora_rank"):
+        grpo.GRPOConfig(lora_target_modules=["q_proj"])
+    grpo.GRPOConfig(lora_rank=4, lora_target_modules=["q_proj"])
+
+
+def test_a_critic_with_another_tokenizer_is_refused(tiny_model, tmp_path, tiny_build_config):
+    from tether.config import ConfigError
+    from tether.embedded import build_init
+
+    other = tmp_path / "other"
+    build_init(tiny_build_config.model_copy(update={"vocab_size": 1024}), other)
+    with pytest.raises(ConfigError, match="tokenizer is not the policy's"):
+        ppo.train(small(ppo.PPOConfig, tiny_model, tmp_path / "r", critic="separate", critic_model=str(other)))
+
+
 def test_settings_that_cannot_learn_are_refused():
     with pytest.raises(ValueError, match="num_generations >= 2"):
         grpo.GRPOConfig(num_generations=1)

@@ -23,9 +23,10 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import lora, runs
+from .config import ConfigError
 from .losses.policy import PolicyLossConfig, gae, policy_loss, value_loss, whiten
 from .online import Experience, MicroBatch, OnlineConfig, Session, sequence_rewards_to_tokens, token_means
 
@@ -56,6 +57,15 @@ class PPOConfig(OnlineConfig):
     critic_fit: Literal["gradient", "least_squares"] = Field("gradient", description="how a detached value head (critic=head) learns its squared error: AdamW steps (critic_lr), or solved exactly by least squares over the rollouts so far (older steps weighted critic_forget per step). A separate critic, or a head that trains the backbone, learns by gradient. On the arithmetic world the least-squares head explains more of the returns (explained variance ~0.1 against ~0.03) but the policy learned no faster in two paired runs (README)")
     critic_forget: float = Field(0.9, ge=0, le=1, description="critic_fit=least_squares: weight of each earlier step's rollouts, per step (0.9: about the last 10 steps; 1: all equally)")
     critic_lr: float | None = Field(None, gt=0, description="learning rate of a critic trained by gradient (default: 10 × lr; a critic must track the policy)")
+
+    @model_validator(mode="after")
+    def _critic_options(self):  # settings that would be ignored are refused, not dropped without a word
+        if self.critic_model and self.critic != "separate":
+            raise ValueError("critic_model is the separate critic's start: it needs critic=separate")
+        if self.critic_fit == "least_squares" and (self.critic != "head" or self.head_trains_backbone):
+            raise ValueError("critic_fit=least_squares fits a detached value head: it needs critic=head and "
+                             "head_trains_backbone=false")
+        return self
 
 
 HIDDEN_BUDGET = 1 << 30  # bytes of rollout hidden states (float32) kept for the old values
@@ -114,6 +124,12 @@ def train(cfg: PPOConfig) -> runs.FitResult:
     from .modeling import load_causal_lm, resolve_model_path
 
     if cfg.critic == "separate":  # with lora_rank, adapters on its backbone too (OpenRLHF's LoRA critic)
+        if cfg.critic_model:  # it reads the policy's token ids: the same vocabulary, or it reads noise
+            from .modeling import load_tokenizer
+
+            if load_tokenizer(resolve_model_path(cfg.critic_model)).get_vocab() != s.tokenizer.get_vocab():
+                raise ConfigError(f"critic_model={cfg.critic_model}: its tokenizer is not the policy's, and the critic "
+                                  "reads the policy's token ids; start it from a model with the policy's tokenizer")
         lm = load_causal_lm(resolve_model_path(cfg.critic_model) if cfg.critic_model else s.base_path)
         critic = SeparateCritic(lora.apply(lm, cfg))
         runs.train_mode(critic.lm, cfg)

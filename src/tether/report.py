@@ -22,6 +22,7 @@ def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in PANELS if any(k in r for recs in stages.values() for r in recs)] or ["loss"]
     cols = min(2, len(keys))
@@ -47,6 +48,7 @@ def plot_curves(stages: dict[str, list[dict[str, Any]]], png: Path) -> Path:
     for ax, key in zip(axes, keys):
         ax.set_title(PANELS[key])
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no ticks at 1.2, 1.4…
         ax.grid(alpha=0.3)
         if len(ax.get_lines()) > 1:
             ax.legend()
