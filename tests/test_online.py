@@ -390,6 +390,20 @@ def test_settings_that_cannot_learn_are_refused():
         ppo.PPOConfig(temperature=0)
 
 
+def test_chat_prompts_without_a_template_name_their_row(tiny_model, tmp_path):
+    import shutil
+
+    from tether.data import DataError
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").unlink()
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}) + "\n")
+    with pytest.raises(DataError, match="chat.jsonl:1: chat messages cannot be rendered"):
+        grpo.train(small(grpo.GRPOConfig, model, tmp_path / "r", data=str(data), eval_data="none"))
+
+
 def test_bad_prompt_rows_are_refused(tiny_model, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"question": "no prompt key"}) + "\n")

@@ -328,7 +328,10 @@ class Session:
         for r in read_rows(cfg.data):
             p = r.data.get("prompt")
             if isinstance(p, list):  # chat messages: the template with the assistant turn opened
-                p = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                try:
+                    p = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                except (ValueError, TypeError, KeyError) as e:  # no template, or messages it cannot render
+                    raise DataError(f"{r.where}: chat messages cannot be rendered with this tokenizer: {e}") from None
             if not isinstance(p, str) or not p:
                 raise DataError(f"{r.where}: online RL rows need a non-empty 'prompt' (text or chat messages)")
             prompts.append(p)
