@@ -13,6 +13,8 @@ vectors. Each function's docstring gives its equation, where it comes from, and 
 | leave-one-out baseline r_i - mean_{j≠i} r_j (seed §4.1, RLOO)   | :func:`policy.leave_one_out_advantages` |
 | KL(π_θ || π_ref) estimators k1, k2, k3 (seed §4)                 | :func:`policy.kl_estimate`      |
 | clipped surrogate -min(wA, clip(w, 1-ε, 1+ε)A) (seed §5-§7)      | :func:`policy.policy_loss`, ``policy.PER_TOKEN`` (8 variants) |
+| sampler mismatch ρ = π_old / π_s, truncated or masked (TRL, verl) | :func:`policy.sampler_weights`  |
+| entropy bonus -c · mean_t H_t; top-q tokens by H_t (80/20 rule)    | :class:`policy.EntropyTerms`, :func:`policy.high_entropy_mask` |
 | GAE: A_t = δ_t + γλ A_{t+1}, R_t = A_t + V_t (seed §4.3)         | :func:`policy.gae`              |
 | critic: ½ max((V - R)², (clip(V) - R)²) (seed §4.3, §6)          | :func:`policy.value_loss`       |
 """
