@@ -200,3 +200,18 @@ def test_csv_errors_name_the_file_line(tmp_path, tokenizer):
     stats = DataStats()
     assert [r.where for r in read_rows(g, skip_bad_rows=True, stats=stats)] == [f"{g}:2", f"{g}:5"]
     assert stats.skipped_bad == 1
+
+
+def test_text_pairs_without_a_prompt_split_off_their_common_beginning(tokenizer):
+    """HH-RLHF's format: chosen and rejected repeat the dialogue; the shared beginning is the prompt,
+    a trailing space left to the completions (TRL's extract_prompt), the same pair as an explicit prompt."""
+    from tether.data import DataError, tokenize_pairs
+
+    head = "\n\nHuman: What is 3 + 4?\n\nAssistant:"
+    (implicit,), _ = tokenize_pairs(rows_of({"chosen": head + " It is 7.", "rejected": head + " It is 8."}), tokenizer, 128)
+    (explicit,), _ = tokenize_pairs(rows_of({"prompt": head + " It is", "chosen": " 7.", "rejected": " 8."}), tokenizer, 128)
+    assert (implicit.prompt, implicit.chosen, implicit.rejected) == (explicit.prompt, explicit.chosen, explicit.rejected)
+    with pytest.raises(DataError, match="share no beginning"):
+        tokenize_pairs(rows_of({"chosen": "yes", "rejected": "no"}), tokenizer, 128)
+    with pytest.raises(DataError, match="starts the other"):
+        tokenize_pairs(rows_of({"chosen": "It is 7", "rejected": "It is 7."}), tokenizer, 128)

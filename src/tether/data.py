@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -424,8 +425,10 @@ class PairExample:
 
 
 def _split_prompt(row: Row) -> tuple[Any, Any, Any]:
-    """(prompt, chosen, rejected) of a row; a conversational row without ``prompt`` has its
-    shared leading messages split off as the prompt, as TRL does."""
+    """(prompt, chosen, rejected) of a row. A row without ``prompt`` has the part chosen and rejected
+    share split off as the prompt, as TRL's ``extract_prompt`` does: the leading messages of a
+    conversation, or the longest common prefix of two texts (HH-RLHF's "\n\nHuman: …\n\nAssistant:"),
+    a space at its end left to the completions."""
     d = row.data
     missing = [k for k in ("chosen", "rejected") if k not in d]
     if missing:
@@ -439,6 +442,16 @@ def _split_prompt(row: Row) -> tuple[Any, Any, Any]:
             k += 1
         if k == 0:
             raise DataError(f"{row.where}: chosen and rejected share no leading messages to use as the prompt")
+        return chosen[:k], chosen[k:], rejected[k:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        k = len(os.path.commonprefix([chosen, rejected]))
+        if k in (len(chosen), len(rejected)):
+            raise DataError(f"{row.where}: no 'prompt', and one of chosen and rejected starts the other: "
+                            "no completion is left to split off")
+        if k and chosen[k - 1] == " ":
+            k -= 1
+        if k == 0:
+            raise DataError(f"{row.where}: no 'prompt', and chosen and rejected share no beginning to use as one")
         return chosen[:k], chosen[k:], rejected[k:]
     raise DataError(f"{row.where}: preference row without 'prompt'")
 
