@@ -390,6 +390,15 @@ def test_settings_that_cannot_learn_are_refused():
         ppo.PPOConfig(temperature=0)
 
 
+def test_chat_prompts_train_and_evaluate(tiny_model, tmp_path):
+    """Chat-message prompts train and, given as eval_data, evaluate: both rendered by the template."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+                                        "answer": str(i + 1)}) + "\n" for i in range(4)))
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "r", data=str(data), eval_data=str(data), max_steps=1))
+    assert r.eval_before is not None and r.eval_after is not None and r.eval_before["n"] == 4
+
+
 def test_chat_prompts_without_a_template_name_their_row(tiny_model, tmp_path):
     import shutil
 

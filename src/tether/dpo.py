@@ -180,7 +180,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     arith_eval = cfg.arith_eval(rows)
     eval_pairs = load_pairs(cfg, tokenizer, split="held_out")[0] if arith_eval else []
     eval_prompts = load_eval_rows("arith", cfg.eval_samples, cfg.arith) if arith_eval else (
-        [] if cfg.eval_data in ("none", "auto") else load_eval_rows(cfg.eval_data, cfg.eval_samples))
+        [] if cfg.eval_data in ("none", "auto") else load_eval_rows(cfg.eval_data, cfg.eval_samples, tokenizer=tokenizer))
 
     # The reference: π_ref = the starting policy unless ref_model says otherwise. The policy itself
     # scores pairs as the reference while it is still the starting policy (before its first update),

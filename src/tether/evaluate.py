@@ -29,16 +29,23 @@ class EvalConfig(Config):
     seed: int = Field(0, description="sampling seed of `samples`")
 
 
-def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None) -> list[dict[str, str]]:
+def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None, tokenizer=None) -> list[dict[str, str]]:
     """``"arith"``: ``n`` held-out arithmetic problems; otherwise a file of ``{prompt, answer}``
-    rows (the first ``n``)."""
+    rows (the first ``n``), a prompt text or chat messages (rendered with ``tokenizer``'s chat
+    template, the assistant turn opened, as the online trainers render their training prompts)."""
     if source == "arith":
         return eval_rows(spec or ArithSpec(), n)
     rows = []
     for r in read_rows(Path(source))[:n]:
-        if not isinstance(r.data.get("prompt"), str) or "answer" not in r.data:
-            raise DataError(f"{r.where}: evaluation rows need 'prompt' (str) and 'answer'")
-        rows.append({"prompt": r.data["prompt"], "answer": str(r.data["answer"])})
+        prompt = r.data.get("prompt")
+        if isinstance(prompt, list) and tokenizer is not None:
+            try:
+                prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            except (ValueError, TypeError, KeyError) as e:
+                raise DataError(f"{r.where}: chat messages cannot be rendered with this tokenizer: {e}") from None
+        if not isinstance(prompt, str) or "answer" not in r.data:
+            raise DataError(f"{r.where}: evaluation rows need 'prompt' (text or chat messages) and 'answer'")
+        rows.append({"prompt": prompt, "answer": str(r.data["answer"])})
     return rows
 
 

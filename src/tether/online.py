@@ -350,7 +350,7 @@ class Session:
     def _eval_rows(self) -> list[dict[str, str]]:
         cfg = self.cfg
         source = ("arith" if cfg.data == "arith" else "none") if cfg.eval_data == "auto" else cfg.eval_data
-        rows = [] if source == "none" else load_eval_rows(source, cfg.eval_samples, cfg.arith)
+        rows = [] if source == "none" else load_eval_rows(source, cfg.eval_samples, cfg.arith, self.tokenizer)
         if rows:
             longest = max(len(prompt_ids(self.tokenizer, r["prompt"])) for r in rows)
             check_context(self.policy, longest + cfg.max_new_tokens,

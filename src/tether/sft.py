@@ -88,7 +88,7 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     items, stats = load_examples(cfg, tokenizer, rows)
 
     eval_source = "arith" if cfg.arith_eval(rows) else ("none" if cfg.eval_data == "auto" else cfg.eval_data)
-    eval_rows = [] if eval_source == "none" else load_eval_rows(eval_source, cfg.eval_samples, cfg.arith)
+    eval_rows = [] if eval_source == "none" else load_eval_rows(eval_source, cfg.eval_samples, cfg.arith, tokenizer)
 
     def step(idx: list[int]) -> dict[str, float]:
         micro = [collate([items[i] for i in idx[j:j + cfg.micro_batch_size]], pad)
