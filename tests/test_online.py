@@ -397,6 +397,14 @@ def test_chat_prompts_train_and_evaluate(tiny_model, tmp_path):
                                         "answer": str(i + 1)}) + "\n" for i in range(4)))
     r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "r", data=str(data), eval_data=str(data), max_steps=1))
     assert r.eval_before is not None and r.eval_after is not None and r.eval_before["n"] == 4
+    # a TRL reward function sees chat rows as TRL passes them: messages in, assistant messages out
+    fn = tmp_path / "trl_reward.py"
+    fn.write_text("def chatty(prompts, completions, answer, **kwargs):\n"
+                  "    assert prompts[0][0]['role'] == 'user' and completions[0][0]['role'] == 'assistant'\n"
+                  "    return [float(len(c[0]['content']) % 3) for c in completions]\n")
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "t", data=str(data), eval_data="none", max_steps=1,
+                         reward=f"py:{fn}:chatty"))
+    assert [m for m in metrics(r.run_dir) if "loss" in m][0][f"reward/py:{fn}:chatty/invalid"] == 0
 
 
 def test_chat_prompts_without_a_template_name_their_row(tiny_model, tmp_path):
