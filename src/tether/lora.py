@@ -51,7 +51,7 @@ class LoraFields(Config):
         if self.lora_dropout and getattr(self, "disable_dropout", False):
             raise ValueError("lora_dropout > 0 has no effect while disable_dropout=true (the trainer's log-probs must be "
                              "the sampler's); set disable_dropout=false to use it")
-        if not self.lora_rank and "lora_target_modules" in self.model_fields_set:
+        if not self.lora_rank and self.lora_target_modules != type(self).model_fields["lora_target_modules"].default:
             raise ValueError("lora_target_modules has no effect without lora_rank (> 0: the adapters' rank)")
         return self
 
