@@ -186,6 +186,16 @@ def _default_bos(tokenizer) -> int | None:
     return tokenizer._tether_bos
 
 
+def chat_prompt_text(tokenizer, messages: list, where: str) -> str:
+    """A chat prompt's text: the messages rendered by the tokenizer's template with the assistant turn
+    opened (what online RL samples from and evaluation greedily completes); a :class:`DataError`
+    naming ``where`` (file:line) if the template is missing or cannot render them."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (ValueError, TypeError, KeyError) as e:  # no template, or messages it cannot render
+        raise DataError(f"{where}: chat messages cannot be rendered with this tokenizer: {e}") from None
+
+
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a text that starts a sequence (a prompt, a plain-text row): led by the tokenizer's
     default BOS where it has one, as the model saw text in pretraining, and only once (a chat template

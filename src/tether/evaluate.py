@@ -13,7 +13,7 @@ from pydantic import Field
 
 from .arith import ArithSpec, eval_rows, exact_match, extract_answer
 from .config import Config
-from .data import DataError, prompt_ids, read_rows
+from .data import DataError, chat_prompt_text, prompt_ids, read_rows
 from .modeling import padding_id
 
 
@@ -39,10 +39,7 @@ def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None, tokenizer
     for r in read_rows(Path(source))[:n]:
         prompt = r.data.get("prompt")
         if isinstance(prompt, list) and tokenizer is not None:
-            try:
-                prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            except (ValueError, TypeError, KeyError) as e:
-                raise DataError(f"{r.where}: chat messages cannot be rendered with this tokenizer: {e}") from None
+            prompt = chat_prompt_text(tokenizer, prompt, r.where)
         if not isinstance(prompt, str) or "answer" not in r.data:
             raise DataError(f"{r.where}: evaluation rows need 'prompt' (text or chat messages) and 'answer'")
         rows.append({"prompt": prompt, "answer": str(r.data["answer"])})

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from . import lora, runs
 from .arith import ArithSpec, problem_space
-from .data import DataError, EpochSampler, prompt_ids, read_rows
+from .data import DataError, EpochSampler, chat_prompt_text, prompt_ids, read_rows
 from .decoding import tree_states
 from .evaluate import engine_texts, load_eval_rows, score_completions
 from .lora import LoraFields
@@ -328,10 +328,7 @@ class Session:
         for r in read_rows(cfg.data):
             p = r.data.get("prompt")
             if isinstance(p, list):  # chat messages: the template with the assistant turn opened
-                try:
-                    p = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                except (ValueError, TypeError, KeyError) as e:  # no template, or messages it cannot render
-                    raise DataError(f"{r.where}: chat messages cannot be rendered with this tokenizer: {e}") from None
+                p = chat_prompt_text(self.tokenizer, p, r.where)
             if not isinstance(p, str) or not p:
                 raise DataError(f"{r.where}: online RL rows need a non-empty 'prompt' (text or chat messages)")
             prompts.append(p)
@@ -567,8 +564,9 @@ class Session:
             return None
         keep = high_entropy_mask(entropy, mask, q, batch.entropy_threshold) if q < 1 else None
         counted = mask if keep is None else mask * keep
-        self._entropy_stats[0] += float((entropy.detach() * counted).sum())
-        self._entropy_stats[1] += float(counted.sum())
+        if cfg.entropy_target is not None:  # the adaptive control's measure
+            self._entropy_stats[0] += float((entropy.detach() * counted).sum())
+            self._entropy_stats[1] += float(counted.sum())
         n_ent = batch.num_tokens if q >= 1 else batch.entropy_tokens
         return EntropyTerms(entropy, coef, keep, n_ent)
 
