@@ -135,6 +135,10 @@ def test_a_reward_that_never_scores_stops_the_run(tiny_model, tmp_path, monkeypa
     r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "c", reward="broken", eval_data="none",
                          max_invalid_steps=0))  # told to go on: it does
     assert r.steps == 3
+    fn = tmp_path / "my_reward.py"  # a name with slashes in it is named whole
+    fn.write_text("def f(prompts, completions, metadata):\n    raise RuntimeError('no')\n")
+    with pytest.raises(DataError, match=f"reward py:{fn}:f scored none"):
+        grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "d", reward=f"py:{fn}:f", eval_data="none"))
 
 
 # ---------------------------------------------------------------------------------------------

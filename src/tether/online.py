@@ -397,7 +397,9 @@ class Session:
     def _check_rewards(self, metrics: dict[str, float], n: int) -> None:
         """Count the steps running in which some reward function scored nothing; past
         ``max_invalid_steps`` stop with what it said, rather than train to the end on fallback values."""
-        broken = [k.split("/")[1] for k, v in metrics.items() if k.endswith("/invalid") and v == n]
+        # reward/<name>/invalid, where a name may hold slashes itself (py:/path/to/file.py:fn)
+        broken = [k[len("reward/"):-len("/invalid")] for k, v in metrics.items()
+                  if k.startswith("reward/") and k.endswith("/invalid") and v == n]
         self._invalid_steps = self._invalid_steps + 1 if broken else 0
         if broken and self.cfg.max_invalid_steps and self._invalid_steps >= self.cfg.max_invalid_steps:
             why = {k.split("/")[-1]: int(v) for k, v in metrics.items()
