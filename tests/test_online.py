@@ -411,6 +411,31 @@ def test_chat_prompts_train_and_evaluate(tiny_model, tmp_path):
     assert [m for m in metrics(r.run_dir) if "loss" in m][0][f"reward/py:{fn}:chatty/invalid"] == 0
 
 
+def test_trl_reward_functions_get_the_steps_token_ids_and_progress(tiny_model, tokenizer, tmp_path):
+    """In a run, a TRL-style reward function receives each completion's token ids (what the engine
+    sampled, up to and including its stop token: they decode to the completion's text), the run's
+    progress as transformers' TrainerState (global_step 0, 1, ... of max_steps), and its log_metric /
+    log_extra land in metrics.jsonl and completions.jsonl."""
+    fn = tmp_path / "trl_reward.py"
+    fn.write_text("import json\n"
+                  "def f(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **kw):\n"
+                  "    with open(__file__ + '.seen', 'a') as out:\n"
+                  "        out.write(json.dumps([trainer_state.global_step, trainer_state.max_steps, completions, completion_ids]) + '\\n')\n"
+                  "    log_metric('mean_ids', sum(map(len, completion_ids)) / len(completion_ids))\n"
+                  "    log_extra('n_ids', [len(i) for i in completion_ids])\n"
+                  "    return [float(len(i) % 2) for i in completion_ids]\n")
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path / "t", eval_data="none", max_steps=2, reward=f"py:{fn}:f"))
+    seen = [json.loads(x) for x in (tmp_path / "trl_reward.py.seen").read_text().splitlines()]
+    assert [(s[0], s[1]) for s in seen] == [(0, 2), (1, 2)]
+    for _, _, texts, ids in seen:
+        assert len(ids) == len(texts) == 8
+        assert [tokenizer.decode(i, skip_special_tokens=True) for i in ids] == texts
+    steps = [m for m in metrics(r.run_dir) if "loss" in m]
+    assert [m["reward/mean_ids"] for m in steps] == [sum(map(len, s[3])) / 8 for s in seen]
+    logged = metrics(r.run_dir, "completions.jsonl")
+    assert [c["extra"]["n_ids"] for c in logged if c["step"] == 1] == [len(i) for i in seen[0][3]]
+
+
 def test_chat_prompts_without_a_template_name_their_row(tiny_model, tmp_path):
     import shutil
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tether.config import ConfigError
-from tether.rewards import TRLReward, check_scorer_folder, load_python_reward, make_rewards
+from tether.rewards import RewardContext, TRLReward, check_scorer_folder, load_python_reward, make_rewards
 
 USER_REWARDS = '''
 SEEN = {}
@@ -36,6 +36,22 @@ def tether_other_name(prompts, completions, rows):  # not a column: tether's for
 
 def needs_ids(prompts, completions, completion_ids):
     return [float(len(i)) for i in completion_ids]
+
+def trl_everything(completions, completion_ids, trainer_state, log_metric, log_extra, **kwargs):
+    SEEN["everything"] = dict(ids=completion_ids, step=trainer_state.global_step, max_steps=trainer_state.max_steps,
+                              epoch=trainer_state.epoch, state=type(trainer_state).__name__, columns=sorted(kwargs))
+    log_metric("ids_per_completion", sum(map(len, completion_ids)) / len(completion_ids))
+    log_extra("first_id", [i[0] if i else None for i in completion_ids])
+    return [float(len(i)) for i in completion_ids]
+
+def needs_environments(prompts, completions, environments, **kwargs):
+    return [0.0] * len(completions)
+
+async def trl_async(completions, answer, **kwargs):  # TRL runs async reward functions too
+    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+async def tether_async(prompts, completions, metadata):
+    return [float(c.strip() == str(m["answer"])) for c, m in zip(completions, metadata)]
 
 def chat_acc(prompts, completions, answer, **kwargs):  # TRL's conversational form
     SEEN["chat_acc"] = dict(prompts=prompts, completions=completions)
@@ -92,8 +108,44 @@ def test_trl_documentation_example_and_refusals(user_rewards):
     rs = make_rewards(f"py:{user_rewards}:trl_len")
     r, _ = rs(PROMPTS, ["abcd", "ab", ""], META)
     assert r.tolist() == [0.0, -2.0, -4.0]
-    with pytest.raises(ValueError, match="requires completion_ids, which tether does not pass"):
-        load_python_reward(f"{user_rewards}:needs_ids")
+    with pytest.raises(ValueError, match="requires environments .TRL's tool-use environments."):
+        load_python_reward(f"{user_rewards}:needs_environments")
+
+
+def test_trl_keywords_come_from_the_steps_context(user_rewards):
+    """TRL's ``completion_ids``, ``trainer_state`` (transformers' own class), ``log_metric`` and
+    ``log_extra`` reach a function that takes them from the step's :class:`RewardContext`; what it
+    logs lands in the metrics (``reward/<name>``, averaged) and in the context's extra columns. A
+    function that needs one of them gets no score outside a trainer's step, and says why."""
+    ids = [[5, 6, 0], [7], [8, 9]]
+    ctx = RewardContext(ids, global_step=4, max_steps=10, epoch=0.25)
+    ref = f"py:{user_rewards}:trl_everything"
+    rs = make_rewards(ref)
+    r, m = rs(PROMPTS, TEXTS, META, ctx)
+    assert r.tolist() == [3.0, 1.0, 2.0]
+    seen = _module(rs.fns[ref])["SEEN"]["everything"]
+    assert seen == {"ids": ids, "step": 4, "max_steps": 10, "epoch": 0.25, "state": "TrainerState",
+                    "columns": ["answer", "level", "prompts"]}
+    assert m["reward/ids_per_completion"] == pytest.approx(2.0)
+    assert ctx.extra == {"first_id": [5, 7, 8]}
+    r, m = make_rewards(ref)(PROMPTS, TEXTS, META)  # no context: not a trainer's step
+    assert m[f"reward/{ref}/invalid"] == 3
+    r, m = make_rewards(f"py:{user_rewards}:needs_ids")(PROMPTS, TEXTS, META, ctx)
+    assert r.tolist() == [3.0, 1.0, 2.0]
+
+
+def test_a_logged_metric_never_replaces_tethers_own(user_rewards, tmp_path):
+    f = tmp_path / "clash.py"
+    f.write_text("def f(completions, log_metric, **kw):\n    log_metric('dropped', 99.0)\n"
+                 "    log_metric('mine', 1.0)\n    return [0.0] * len(completions)\n")
+    _, m = make_rewards(f"py:{f}:f")(PROMPTS, TEXTS, META, RewardContext())
+    assert m["reward/dropped"] == 0 and m["reward/mine"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["trl_async", "tether_async"])
+def test_async_reward_functions_are_awaited(user_rewards, name):
+    r, m = make_rewards(f"py:{user_rewards}:{name}")(PROMPTS[:2], TEXTS[:2], META[:2])
+    assert r.tolist() == [1.0, 0.0] and m[f"reward/py:{user_rewards}:{name}/invalid"] == 0
 
 
 def test_a_missing_column_is_an_invalid_batch_not_a_crash(user_rewards, caplog):

@@ -38,7 +38,7 @@ from .losses.policy import (SAMPLER_CORRECTIONS, EntropyTerms, PolicyLossConfig,
                             off_policy_mask, policy_loss, sampler_weights)
 from .modeling import (attention_mask_4d, autocast, check_context, custom_masks_exact, head_logits, load_causal_lm,
                        load_tokenizer, padding_id, resolve_model_path)
-from .rewards import RunningNorm, length_correlation, make_rewards
+from .rewards import RewardContext, RunningNorm, length_correlation, make_rewards
 from .rollout import Rollout, RolloutEngine, SamplingParams, TorchEngine
 from .runlog import RunLogger, read_metrics
 
@@ -359,11 +359,14 @@ class Session:
         for step in range(self.start + 1, self.cfg.max_steps + 1):
             self._t0 = time.perf_counter()
             self.timings: dict[str, float] = {}
+            self.step = step
             yield step
             if self._stopped:
                 return
 
     _stopped = False
+    step = 0
+    _reward_context: RewardContext | None = None
 
     def rollout(self) -> tuple[list[int], Rollout]:
         """Stage 1: the next prompts and ``num_generations`` sampled completions of each."""
@@ -381,7 +384,12 @@ class Session:
         n = self.cfg.num_generations
         prompts = [self.prompts[i] for i in idx for _ in range(n)]
         meta = [self.metadata[i] for i in idx for _ in range(n)]
-        rewards, metrics = self.rewards(prompts, roll.texts, meta)
+        lengths = roll.mask.sum(-1).tolist()
+        sampler = self.sampler
+        self._reward_context = RewardContext(  # what TRL-style reward functions get besides the texts
+            [ids[:k] for ids, k in zip(roll.completion_ids.tolist(), lengths)], self.step - 1, self.cfg.max_steps,
+            sampler.epoch + sampler.pos / sampler.n)
+        rewards, metrics = self.rewards(prompts, roll.texts, meta, self._reward_context)
         self._check_rewards(metrics, len(prompts))
         self._step_rewards = rewards  # what completions.jsonl shows, before any normalisation
         metrics["reward/length_corr"] = length_correlation(roll.mask.sum(-1), rewards)  # reward-hacking guard
@@ -674,12 +682,16 @@ class Session:
         what the policy writes and the reward it got (before ``reward_normalize``; null where dropped).
         A resumed run's file is cut back to its checkpoint, as metrics.jsonl."""
         roll, n = exp.rollout, self.cfg.num_generations
+        extra = self._reward_context.extra if self._reward_context else {}  # what reward functions logged (log_extra)
         lines = []
         for i in range(min(self.cfg.log_completions, len(exp))):
             r = float(self._step_rewards[i])
-            lines.append(json.dumps({"step": step, "prompt": self.prompts[self._step_prompts[i // n]],
-                                     "completion": roll.texts[i], "reward": None if math.isnan(r) else r,
-                                     "tokens": int(roll.mask[i].sum()), "truncated": bool(roll.truncated[i])}) + "\n")
+            row = {"step": step, "prompt": self.prompts[self._step_prompts[i // n]], "completion": roll.texts[i],
+                   "reward": None if math.isnan(r) else r, "tokens": int(roll.mask[i].sum()),
+                   "truncated": bool(roll.truncated[i])}
+            if extra:
+                row["extra"] = {k: v[i] if i < len(v) else None for k, v in extra.items()}
+            lines.append(json.dumps(row, default=str) + "\n")
         if lines:
             with open(self.run_dir / COMPLETIONS, "a") as f:
                 f.writelines(lines)

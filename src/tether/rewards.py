@@ -15,6 +15,7 @@ the metrics (``reward/<name>/invalid``), with each function's mean, so a user se
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -42,6 +43,41 @@ RewardValue = float | int | Verdict | None
 class RewardFn(Protocol):
     def __call__(self, prompts: list[str], completions: list[str],
                  metadata: list[dict[str, Any]]) -> Sequence[RewardValue]: ...
+
+
+@dataclass
+class RewardContext:
+    """What a trainer's step knows besides the texts, for the reward functions that take TRL's
+    keywords (:class:`TRLReward`): each completion's token ids (up to and including the token that
+    stopped it, as TRL's ``completion_ids``), the run's progress for ``trainer_state``, and where
+    ``log_metric`` and ``log_extra`` put what a function logs."""
+
+    completion_ids: list[list[int]] | None = None
+    global_step: int = 0  # the run's steps (rollouts) done before this one
+    max_steps: int = 0
+    epoch: float = 0.0  # passes over the prompts so far, this step's included
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # log_metric: averaged over the step's calls
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra: one value per sample
+
+    def log_metric(self, name: str, value: float) -> None:
+        """TRL's ``log_metric(name, value)``: a scalar, logged as ``reward/<name>``, averaged over the step."""
+        self.metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: Sequence[Any]) -> None:
+        """TRL's ``log_extra(column, values)``: one value per sample of the call, shown with the logged
+        completions (completions.jsonl)."""
+        self.extra.setdefault(str(column), []).extend(values)
+
+    def trainer_state(self):
+        """transformers' ``TrainerState`` with the run's progress (``global_step``, ``max_steps``,
+        ``epoch``), as TRL's reward functions receive it. Imported on first use: transformers' trainer
+        module takes ~2 s to import."""
+        from transformers.trainer_callback import TrainerState
+
+        return TrainerState(global_step=self.global_step, max_steps=self.max_steps, epoch=self.epoch)
+
+    def logged_metrics(self) -> dict[str, float]:
+        return {f"reward/{k}": sum(v) / len(v) for k, v in self.metrics.items() if v}
 
 
 def arith_exact_match(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[Verdict]:
@@ -85,15 +121,17 @@ class RewardSet:
     on_invalid: Literal["fallback", "drop"] = "fallback"
     fallback: float = 0.0
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 metadata: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(rewards (N,) float32 with NaN for dropped samples, metrics)."""
+    def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]],
+                 context: RewardContext | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(rewards (N,) float32 with NaN for dropped samples, metrics). ``context``: what TRL-style
+        functions receive besides the texts (a trainer's step passes one; without it they get none of
+        TRL's keywords), and what they log with ``log_metric`` joins the metrics."""
         n = len(completions)
         total = torch.zeros(n)
         dropped = torch.zeros(n, dtype=torch.bool)
         metrics: dict[str, float] = {}
         for name, fn in self.fns.items():
-            values, invalid, reasons = self._score(name, fn, prompts, completions, metadata)
+            values, invalid, reasons = self._score(name, fn, prompts, completions, metadata, context)
             w = self.weights.get(name, 1.0)
             if self.on_invalid == "drop":
                 dropped |= invalid
@@ -107,13 +145,19 @@ class RewardSet:
                 metrics[f"reward/{name}/{reason}"] = float(count)
         total[dropped] = float("nan")
         metrics["reward/dropped"] = float(dropped.sum())
+        if context is not None:  # a name tether logs itself keeps tether's value
+            metrics.update({k: v for k, v in context.logged_metrics().items() if k not in metrics})
         return total, metrics
 
     @staticmethod
-    def _score(name: str, fn: RewardFn, prompts, completions, metadata
+    def _score(name: str, fn: RewardFn, prompts, completions, metadata, context: RewardContext | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         try:
-            raw = list(fn(prompts, completions, metadata))
+            out = fn(prompts, completions, metadata, context) if isinstance(fn, TRLReward) else \
+                fn(prompts, completions, metadata)
+            if inspect.isawaitable(out):  # an async def reward function (TRL runs those too)
+                out = _run_coroutine(out)
+            raw = list(out)
             if len(raw) != len(completions):
                 raise ValueError(f"returned {len(raw)} scores for {len(completions)} completions")
         except Exception as e:  # noqa: BLE001 - a broken reward must not kill the run; it is counted
@@ -124,6 +168,19 @@ class RewardSet:
         values = torch.tensor([_as_float(v) for v in raw], dtype=torch.float32)
         invalid = ~torch.isfinite(values)
         return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), invalid, reasons
+
+
+def _run_coroutine(coro):
+    """The result of an async reward function's coroutine, also from inside a running event loop
+    (a notebook's): there it runs in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _as_float(v: Any) -> float:
@@ -251,8 +308,11 @@ class TRLReward:
     calls it. ``conversational``: pass the prompts as the rows' chat messages and each completion as
     ``[{"role": "assistant", "content": text}]``, as TRL does for chat data; None (default) decides
     per batch: conversational when every row's metadata holds its ``prompt`` as a list of messages.
-    TRL's ``completion_ids``, ``trainer_state``, ``log_extra`` and ``log_metric`` are not passed:
-    tether scores text and has no TRL trainer state."""
+    Called with a :class:`RewardContext` (a trainer's step), it also gets TRL's ``completion_ids``,
+    ``trainer_state`` (transformers' ``TrainerState``: ``global_step`` counts the run's steps done,
+    ``max_steps`` its steps, so their ratio is the run's progress as in TRL), ``log_metric`` and
+    ``log_extra``, where it takes them. TRL's ``environments`` (its tool-use environments) has no
+    counterpart in tether."""
 
     def __init__(self, fn: Callable[..., Sequence[RewardValue]], name: str = "", conversational: bool | None = None):
         params = inspect.signature(fn).parameters.values()
@@ -262,8 +322,8 @@ class TRLReward:
         self.accepted = {p.name for p in named}
         self.required = [p.name for p in named if p.default is p.empty]
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 metadata: list[dict[str, Any]]) -> Sequence[RewardValue]:
+    def __call__(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]],
+                 context: RewardContext | None = None) -> Sequence[RewardValue]:
         conversational = self.conversational
         if conversational is None:
             conversational = bool(metadata) and all(isinstance(m.get("prompt"), list) for m in metadata)
@@ -277,9 +337,18 @@ class TRLReward:
         columns = dict.fromkeys(k for m in metadata for k in m if k not in _NOT_COLUMNS)
         kwargs = {"prompts": prompt_arg, "completions": completion_arg,
                   **{k: [m.get(k) for m in metadata] for k in columns}}
+        if context is not None:  # TRL's keywords, where the function takes them (its trainer state is built then)
+            wanted = _TRL_KEYWORDS if self.var_keyword else self.accepted & _TRL_KEYWORDS
+            if "completion_ids" in wanted and context.completion_ids is not None:
+                kwargs["completion_ids"] = context.completion_ids
+            if "trainer_state" in wanted:
+                kwargs["trainer_state"] = context.trainer_state()
+            kwargs.update({k: getattr(context, k) for k in ("log_metric", "log_extra") if k in wanted})
         if not self.var_keyword:  # only what it names: a column it does not take is not an error
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepted}
         missing = [k for k in self.required if k not in kwargs]
+        if missing and set(missing) <= _TRL_KEYWORDS:
+            raise ValueError(f"{self.name} needs {', '.join(missing)}, which a trainer's step passes (RewardContext)")
         if missing:
             raise ValueError(f"{self.name} needs {', '.join(missing)}, which the rows do not have as data columns "
                              f"(columns: {', '.join(columns) or 'none'})")
@@ -342,11 +411,9 @@ def load_python_reward(ref: str) -> RewardFn:
                     and not any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in params))
     keyword_only = any(p.kind is p.KEYWORD_ONLY for p in params)
     if trl_callable and (var_keyword or extra_names & _TRL_KEYWORDS or keyword_only or not tether_callable):
-        unsupplied = [p.name for p in params if p.name in _TRL_KEYWORDS and p.default is p.empty
-                      and p.kind is not p.VAR_KEYWORD]
-        if unsupplied:
-            raise ValueError(f"reward py:{ref}: {name}{sig} requires {', '.join(unsupplied)}, which tether does not "
-                             "pass (rewards see text, not token ids or TRL's trainer state); give it a default")
+        if any(p.name == "environments" and p.default is p.empty for p in params):
+            raise ValueError(f"reward py:{ref}: {name}{sig} requires environments (TRL's tool-use environments), "
+                             "which tether does not have; give it a default")
         return TRLReward(fn, f"py:{ref}")
     if not tether_callable:
         raise neither
