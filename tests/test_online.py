@@ -339,6 +339,31 @@ def test_filtered_groups_change_only_the_normaliser(tiny_model, tmp_path, monkey
     assert cos > 0.999 and delta[1].norm() > delta[0].norm() * 1.05
 
 
+def test_gdpo_normalises_each_reward_on_its_own(tiny_model, tmp_path, monkeypatch):
+    """multi_objective_aggregation=normalize_then_sum hands GDPO's advantage each function's scores
+    (one column per function, weights in order) instead of normalising their sum; settings that would
+    change the sum it never sees are refused."""
+    from tether import rewards as rw
+
+    monkeypatch.setitem(rw.REWARDS, "length", lambda p, c, m: [float(len(x)) for x in c])
+    seen, real = [], grpo.decoupled_advantages
+
+    def spy(scores, weights, n):
+        seen.append((scores.clone(), weights.clone(), n))
+        return real(scores, weights, n)
+
+    monkeypatch.setattr(grpo, "decoupled_advantages", spy)
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, max_steps=1, eval_data="none",
+                         reward={"exact_match": 1.0, "length": 0.5}, multi_objective_aggregation="normalize_then_sum"))
+    (scores, weights, n), = seen
+    assert scores.shape == (8, 2) and weights.tolist() == [1.0, 0.5] and n == 4
+    texts = [c["completion"] for c in metrics(r.run_dir, "completions.jsonl")]
+    assert scores[:, 1].tolist() == [float(len(t)) for t in texts]
+    for bad in ({"kl_penalty": "reward"}, {"reward_normalize": True}):
+        with pytest.raises(ValueError, match="normalises each reward function's scores on its own"):
+            small(grpo.GRPOConfig, tiny_model, tmp_path, multi_objective_aggregation="normalize_then_sum", **bad)
+
+
 def test_a_step_with_no_informative_group_leaves_the_weights(tiny_model, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

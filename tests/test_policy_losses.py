@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether.losses.policy import (PolicyLossConfig, gae, group_advantages, informative_groups, kl_estimate,
-                                  leave_one_out_advantages, policy_loss, value_loss, whiten)
+from tether.losses.policy import (PolicyLossConfig, decoupled_advantages, gae, group_advantages, informative_groups,
+                                  kl_estimate, leave_one_out_advantages, policy_loss, value_loss, whiten)
 
 REF_DIR = Path(os.environ.get("TETHER_REFERENCE_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"))
 REF_FILE = REF_DIR / "grpo_loss_reference.json"
@@ -90,6 +90,56 @@ def test_informative_groups_are_those_whose_rewards_differ():
     assert got.tolist() == [False] * 4 + [True] * 4 + [False] * 8 + [True] * 4
     # exactly the groups with a non-zero group-relative advantage somewhere
     assert got.view(-1, 4).any(-1).tolist() == (group_advantages(r, 4).view(-1, 4) != 0).any(-1).tolist()
+
+
+def _gdpo_by_hand(rows: list[list[float]], weights: list[float], n: int, eps: float = 1e-4) -> list[float]:
+    """GDPO's advantage written out with the statistics module, sample by sample (NaN: no score)."""
+    import math
+    import statistics
+
+    def norm(xs):  # one group of one function: (x - mean) / (Bessel std + eps), NaN kept out
+        ok = [x for x in xs if not math.isnan(x)]
+        mean, std = statistics.mean(ok), statistics.stdev(ok) if len(ok) > 1 else 0.0
+        return [(x - mean) / (std + eps) for x in xs]
+
+    K = len(weights)
+    cols = [[norm([rows[g + i][k] for i in range(n)]) for g in range(0, len(rows), n)] for k in range(K)]
+    summed = []
+    for b, row in enumerate(rows):
+        parts = [weights[k] * cols[k][b // n][b % n] for k in range(K) if not math.isnan(row[k])]
+        summed.append(sum(parts) if parts else math.nan)
+    ok = [x for x in summed if not math.isnan(x)]
+    mean, std = statistics.mean(ok), statistics.stdev(ok)
+    return [0.0 if math.isnan(x) else (x - mean) / (std + eps) for x in summed]
+
+
+def test_decoupled_advantages_by_hand():
+    """GDPO (TRL's normalize_then_sum): each function normalised within its groups, weighted sum,
+    then the batch's normalisation; a partly scored sample adds the scores it has, an unscored one
+    gets 0."""
+    nan = float("nan")
+    rows = [[1, 0], [0, 1], [0, 1], [1, 1], [1, 0.5], [0, nan], [1, 0], [nan, nan], [0, 0.2], [1, 0.9], [0, 0.1], [1, 0]]
+    w = [1.0, 0.5]
+    got = decoupled_advantages(torch.tensor(rows, dtype=torch.float64), torch.tensor(w), 4)
+    torch.testing.assert_close(got, torch.tensor(_gdpo_by_hand(rows, w, 4), dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert got[7] == 0
+
+
+def test_decoupled_advantages_do_not_let_one_reward_drown_the_others():
+    """Scaling one function's scores by 100 leaves GDPO's advantages as they were (each is normalised
+    on its own) but hands GRPO's normalised sum to that function."""
+    torch.manual_seed(0)
+    scores = torch.stack([torch.randint(0, 2, (32,)).double(), torch.rand(32, dtype=torch.float64)], -1)
+    louder = scores * torch.tensor([1.0, 100.0], dtype=torch.float64)
+    w = torch.ones(2)
+    torch.testing.assert_close(decoupled_advantages(louder, w, 8), decoupled_advantages(scores, w, 8), rtol=0, atol=2e-3)  # up to eps
+    grpo_a, grpo_b = group_advantages(scores.sum(-1), 8), group_advantages(louder.sum(-1), 8)
+    assert (grpo_a - grpo_b).abs().max() > 0.1
+    # GDPO's group-relative sums are centred in every group: a group whose scores are all alike gets 0
+    flat = scores.clone()
+    flat[:8] = flat[0]
+    assert decoupled_advantages(flat, w, 8)[:8].abs().max() < 1e-12
+    assert informative_groups(flat, 8).tolist() == [False] * 8 + [True] * 24
 
 
 def test_leave_one_out_is_the_others_mean():

@@ -5,8 +5,9 @@ every token's advantage, A(y_i) = (r_i - mean_group r) / (std_group r + ε), in 
 surrogate (seed §6) without a critic. Variants (:mod:`tether.losses.policy`): ``loss_type`` grpo /
 dr_grpo / dapo / bnpo (and cispo, sapo, vespo, luspo), ``scale_rewards`` group / batch / none,
 asymmetric clipping (``epsilon_high``), GSPO's sequence-level ratio (``importance_level=sequence``),
-the KL to the reference as a loss term (β > 0) or no reference at all (β = 0), and DAPO's dynamic
-sampling (``filter_groups``: groups whose rewards are all equal are left out of the update).
+the KL to the reference as a loss term (β > 0) or no reference at all (β = 0), DAPO's dynamic
+sampling (``filter_groups``: groups whose rewards are all equal are left out of the update), and, for
+several reward functions, GDPO's decoupled normalisation (``multi_objective_aggregation``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from . import runs
-from .losses.policy import LOSS_TYPES, PolicyLossConfig, group_advantages, informative_groups
+from .losses.policy import (LOSS_TYPES, PolicyLossConfig, decoupled_advantages, group_advantages,
+                            informative_groups)
 from .online import OnlineConfig, Session, token_means
 
 
@@ -33,6 +35,7 @@ class GRPOConfig(OnlineConfig):
     kl_importance_correction: bool = Field(True, description="weight the KL term by the importance ratio (TRL's use_bias_correction_kl)")
     beta: float = Field(0.1, ge=0, description="KL coefficient (0: no reference model is loaded, TRL's default)")
     filter_groups: bool = Field(False, description="DAPO's dynamic sampling: train only on groups whose rewards differ (the others have zero advantage); no refill")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="with several reward functions: normalise their weighted sum (GRPO), or normalise each function's scores within each group first, sum them with their weights, then normalise the sum over the batch (GDPO, Liu et al. 2026; TRL's option of the same name; scale_rewards then does not apply)")
     mini_batches: int = Field(2, ge=1, description="optimizer updates per rollout batch (TRL's steps_per_generation); the second is importance-weighted and clipped. Two learn faster than one at the same compute on the arithmetic world (README)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
@@ -41,6 +44,15 @@ class GRPOConfig(OnlineConfig):
     def _groups(self):  # a group of one has advantage 0: nothing would be learned
         if self.num_generations < 2:
             raise ValueError("GRPO needs num_generations >= 2: its advantage compares the completions of one prompt")
+        return self
+
+    @model_validator(mode="after")
+    def _decoupled(self):  # GDPO normalises each function's raw scores: a change to their sum would be lost
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            for what, on in (("kl_penalty=reward", self.kl_penalty == "reward"), ("reward_normalize=true", self.reward_normalize)):
+                if on:
+                    raise ValueError(f"multi_objective_aggregation=normalize_then_sum normalises each reward function's "
+                                     f"scores on its own; {what} changes their sum, which it never sees: drop one of them")
         return self
 
     @model_validator(mode="after")
@@ -67,11 +79,16 @@ def train(cfg: GRPOConfig) -> runs.FitResult:
     for step in s.steps():
         idx, roll = s.rollout()                                               # 1. sample groups
         rewards, reward_metrics = s.score(idx, roll)                          # 2. score them
-        keep = informative_groups(rewards, cfg.num_generations) if cfg.filter_groups else None
+        decoupled = cfg.multi_objective_aggregation == "normalize_then_sum"  # GDPO: each function on its own
+        scores = s.reward_each if decoupled else rewards
+        keep = informative_groups(scores, cfg.num_generations) if cfg.filter_groups else None
         exp = s.experience(roll, rewards, keep)                               # (+ reference log-probs)
         if cfg.beta and cfg.kl_penalty == "reward":                           # KL as a reward penalty
             rewards = rewards + s.kl_reward(exp).sum(-1)
-        adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # 3. group-relative A
+        if decoupled:                                                          # 3. group-relative A
+            adv = decoupled_advantages(scores, s.rewards.weight_vector(), cfg.num_generations)
+        else:
+            adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
 
         metrics = s.update(exp, s.policy_loss_fn(exp, adv, loss_cfg))        # 4. clipped updates
         s.end_step(step, exp, {**reward_metrics, **token_means(metrics), "advantage_abs": float(adv.abs().mean()),

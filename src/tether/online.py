@@ -389,7 +389,9 @@ class Session:
         self._reward_context = RewardContext(  # what TRL-style reward functions get besides the texts
             [ids[:k] for ids, k in zip(roll.completion_ids.tolist(), lengths)], self.step - 1, self.cfg.max_steps,
             sampler.epoch + sampler.pos / sampler.n)
-        rewards, metrics = self.rewards(prompts, roll.texts, meta, self._reward_context)
+        # each function's scores (N, K), the invalid policy applied: GDPO normalises them one by one
+        self.reward_each, metrics = self.rewards.score_each(prompts, roll.texts, meta, self._reward_context)
+        rewards = self.rewards.total(self.reward_each)
         self._check_rewards(metrics, len(prompts))
         self._step_rewards = rewards  # what completions.jsonl shows, before any normalisation
         metrics["reward/length_corr"] = length_correlation(roll.mask.sum(-1), rewards)  # reward-hacking guard

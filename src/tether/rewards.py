@@ -126,16 +126,23 @@ class RewardSet:
         """(rewards (N,) float32 with NaN for dropped samples, metrics). ``context``: what TRL-style
         functions receive besides the texts (a trainer's step passes one; without it they get none of
         TRL's keywords), and what they log with ``log_metric`` joins the metrics."""
+        each, metrics = self.score_each(prompts, completions, metadata, context)
+        return self.total(each), metrics
+
+    def score_each(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]],
+                   context: RewardContext | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(scores (N, K) float32, one column per function in ``fns`` order, metrics): the invalid
+        policy applied, an invalid score replaced by ``fallback``, or under ``drop`` the whole sample's
+        row NaN. GDPO's decoupled normalisation works on these (:func:`tether.losses.policy.decoupled_advantages`)."""
         n = len(completions)
-        total = torch.zeros(n)
+        each = torch.zeros(n, len(self.fns))
         dropped = torch.zeros(n, dtype=torch.bool)
         metrics: dict[str, float] = {}
-        for name, fn in self.fns.items():
+        for k, (name, fn) in enumerate(self.fns.items()):
             values, invalid, reasons = self._score(name, fn, prompts, completions, metadata, context)
-            w = self.weights.get(name, 1.0)
             if self.on_invalid == "drop":
                 dropped |= invalid
-            total += w * values.masked_fill(invalid, self.fallback)
+            each[:, k] = values.masked_fill(invalid, self.fallback)
             ok = values[~invalid]
             metrics[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
             metrics[f"reward/{name}/std"] = float(ok.std()) if len(ok) > 1 else 0.0
@@ -143,11 +150,19 @@ class RewardSet:
             metrics[f"reward/{name}/invalid_frac"] = float(invalid.float().mean()) if n else 0.0
             for reason, count in reasons.items():  # a verifier's verdicts: why the scores are what they are
                 metrics[f"reward/{name}/{reason}"] = float(count)
-        total[dropped] = float("nan")
+        each[dropped] = float("nan")
         metrics["reward/dropped"] = float(dropped.sum())
         if context is not None:  # a name tether logs itself keeps tether's value
             metrics.update({k: v for k, v in context.logged_metrics().items() if k not in metrics})
-        return total, metrics
+        return each, metrics
+
+    def weight_vector(self) -> torch.Tensor:
+        """(K,) each function's weight, in ``fns`` order (1 where none is given)."""
+        return torch.tensor([float(self.weights.get(name, 1.0)) for name in self.fns])
+
+    def total(self, each: torch.Tensor) -> torch.Tensor:
+        """r = Σ_k w_k r_k per sample (N,) from :meth:`score_each`'s (N, K); NaN where dropped."""
+        return (each * self.weight_vector()).sum(-1)
 
     @staticmethod
     def _score(name: str, fn: RewardFn, prompts, completions, metadata, context: RewardContext | None = None,

@@ -55,6 +55,29 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards
     return torch.nan_to_num(adv, nan=0.0)
 
 
+def decoupled_advantages(rewards: torch.Tensor, weights: torch.Tensor, group_size: int,
+                         eps: float = 1e-4) -> torch.Tensor:
+    """GDPO's advantage for several rewards (Liu et al. 2026, "Group reward-Decoupled Normalization
+    Policy Optimization"; TRL's ``multi_objective_aggregation="normalize_then_sum"``): each reward
+    function's scores are normalised within each group on their own, then summed with their weights,
+    and the sum is normalised over the batch:
+
+        Â_i^k = (r_i^k - mean_group r^k) / (std_group r^k + eps),   s_i = Σ_k w_k Â_i^k,
+        A_i = (s_i - mean_batch s) / (std_batch s + eps).
+
+    Normalising the sum instead (GRPO's default) lets a reward with a wide spread drown the others,
+    and different reward combinations collapse onto the same advantage. ``rewards`` (B, K): one column
+    per function, NaN where a score is missing (std Bessel-corrected, as :func:`group_advantages`); a
+    sample with no score at all gets A = 0, one missing only some adds the others'."""
+    B, K = rewards.shape
+    r = rewards.view(-1, group_size, K)
+    per_reward = (r - r.nanmean(1, keepdim=True)) / (_nanstd(r, dim=1).unsqueeze(1) + eps)
+    summed = (per_reward.view(B, K) * weights.to(rewards)).nansum(-1)
+    summed[rewards.isnan().all(-1)] = math.nan
+    adv = (summed - summed.nanmean()) / (_nanstd(summed.view(1, -1), -1) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO (Ahmadian et al. 2024): A_i = r_i - mean_{j≠i} r_j, the baseline of seed §4.1 without the
     sample's own reward (so it stays unbiased). Equals group_size/(group_size-1) · (r_i - mean r).
@@ -75,12 +98,15 @@ def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     A group whose completions all score alike (all solved, all failed) has zero group-relative
     advantage: it adds no policy gradient, only compute and tokens to the loss's normaliser. DAPO's
     dynamic sampling (Yu et al. 2025, eq. 11: 0 < |{correct}| < G) trains on the other groups only.
+    ``rewards`` (B, K), one column per reward function (GDPO's :func:`decoupled_advantages`): a group
+    is informative where any one function's scores differ.
     """
-    r = rewards.view(-1, group_size)
+    r = rewards.view(-1, group_size, *rewards.shape[1:])
     valid = ~torch.isnan(r)
-    hi = torch.where(valid, r, -torch.inf).amax(-1)
-    lo = torch.where(valid, r, torch.inf).amin(-1)
-    return (hi > lo).repeat_interleave(group_size)
+    hi = torch.where(valid, r, -torch.inf).amax(1)
+    lo = torch.where(valid, r, torch.inf).amin(1)
+    differ = hi > lo
+    return (differ.flatten(1).any(-1) if differ.dim() > 1 else differ).repeat_interleave(group_size)
 
 
 def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
