@@ -179,6 +179,7 @@ def test_trainers_run_and_log(tiny_model, tmp_path, cls, module, extra):
     (grpo.GRPOConfig, grpo, dict(beta=0.04, epochs=2, ema_decay=0.9)),
     (grpo.GRPOConfig, grpo, dict(rollout_dtype="bf16", off_policy_mask_threshold=0.1)),  # sampler correction on
     (grpo.GRPOConfig, grpo, dict(entropy_target=3.0, top_entropy_quantile=0.5, micro_batch_size=4)),  # its controller
+    (grpo.GRPOConfig, grpo, dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=3, ref_model_mixup_alpha=0.5)),
     (ppo.PPOConfig, ppo, dict(kl_target=0.05, reward_normalize=True)),
     (ppo.PPOConfig, ppo, dict(critic="separate")),
     (ppo.PPOConfig, ppo, dict(critic="separate", lora_rank=4, beta=0.1)),  # adapters on both, reference adapters-off
@@ -362,6 +363,31 @@ def test_gdpo_normalises_each_reward_on_its_own(tiny_model, tmp_path, monkeypatc
     for bad in ({"kl_penalty": "reward"}, {"reward_normalize": True}):
         with pytest.raises(ValueError, match="normalises each reward function's scores on its own"):
             small(grpo.GRPOConfig, tiny_model, tmp_path, multi_objective_aggregation="normalize_then_sum", **bad)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_sync_ref_model_moves_the_reference_toward_the_policy(tiny_model, tmp_path, monkeypatch, alpha):
+    """sync_ref_model: after every ref_model_sync_steps optimizer updates π_ref ← α π_θ + (1 - α) π_ref.
+    With one update a step and a sync every 2, after 2 steps the reference is α θ_2 + (1 - α) θ_0, and
+    it is in the checkpoint (a resume needs it: test_resume_continues_bit_identically)."""
+    from safetensors.torch import load_file
+
+    from tether.checkpoint import load_state
+
+    monkeypatch.setitem(__import__("tether.rewards").rewards.REWARDS, "by_length", _by_length)
+    r = grpo.train(small(grpo.GRPOConfig, tiny_model, tmp_path, max_steps=2, eval_data="none", beta=0.1,
+                         mini_batches=1, reward="by_length", sync_ref_model=True, ref_model_sync_steps=2,
+                         ref_model_mixup_alpha=alpha))
+    state = load_state(sorted((r.run_dir / "checkpoints").iterdir())[-1])
+    assert state["updates_done"] == 2
+    start, end = load_file(tiny_model / "model.safetensors"), load_file(r.final_dir / "model.safetensors")
+    for k, ref in state["ref"].items():
+        key = k if k in end else k.replace("lm_head.", "model.embed_tokens.")
+        torch.testing.assert_close(ref, alpha * end[key] + (1 - alpha) * start[key], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(end[k], start[k]) for k in end)
+    for bad in (dict(beta=0.0), dict(beta=0.1, lora_rank=4)):
+        with pytest.raises(ValueError, match="sync_ref_model=true"):
+            small(grpo.GRPOConfig, tiny_model, tmp_path, sync_ref_model=True, **bad)
 
 
 def test_a_step_with_no_informative_group_leaves_the_weights(tiny_model, tmp_path, monkeypatch):

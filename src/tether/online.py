@@ -92,11 +92,23 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     entropy_coef_min: float = Field(0.0, ge=0, description="adaptive entropy control: the coefficient's lower bound")
     entropy_coef_max: float = Field(1.0, ge=0, description="adaptive entropy control: the coefficient's upper bound")
     top_entropy_quantile: float = Field(1.0, ge=0, le=1, description="policy loss on the top share of tokens by entropy only, the forks (Wang et al. 2025, 'Beyond the 80/20 rule': 0.2), the quantile taken over each optimizer batch (TRL's, per micro-batch); 1: every token")
+    sync_ref_model: bool = Field(False, description="move the reference toward the policy every ref_model_sync_steps optimizer updates, π_ref ← α π_θ + (1 - α) π_ref (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model; α = 1 resets it to the policy, as ProRL's reference resets), so that a long run's KL anchors to a recent policy rather than the start; the reference's weights then go into checkpoints")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="sync_ref_model: α, the policy's share of the new reference")
+    ref_model_sync_steps: int = Field(512, ge=1, description="sync_ref_model: optimizer updates between syncs (epochs × mini_batches a step)")
 
     @model_validator(mode="after")
     def _entropy_bounds(self):
         if self.entropy_coef_min > self.entropy_coef_max:
             raise ValueError(f"entropy_coef_min ({self.entropy_coef_min}) is above entropy_coef_max ({self.entropy_coef_max})")
+        return self
+
+    @model_validator(mode="after")
+    def _sync_ref(self):
+        if self.sync_ref_model and not (self.beta > 0 or self.kl_target is not None):
+            raise ValueError("sync_ref_model=true needs a reference model: set beta > 0 (or kl_target)")
+        if self.sync_ref_model and self.lora_rank:  # the reference is the policy with its adapters off
+            raise ValueError("sync_ref_model=true does not run with LoRA: the reference is the base model under the "
+                             "adapters, which a sync would change for the policy too")
         return self
 
     def sampling_dtype(self) -> str:
@@ -313,6 +325,9 @@ class Session:
                 m.load_state_dict(self.state["modules"][k])
             if self.ema is not None:
                 self.ema.load_state_dict(self.state["ema"])
+            self.updates_done = self.state.get("updates_done", 0)  # checkpoints before sync_ref_model have none
+            if "ref" in self.state:
+                self.ref.load_state_dict(self.state["ref"])
             self.start = self.state["step"]
         self.logger = RunLogger(self.run_dir, cfg.max_steps, self.start, self.name, cfg.progress, cfg.tensorboard)
         self.logger.message(f"{self.name}: {len(self.prompts)} prompts, {cfg.prompts_per_step}×{cfg.num_generations} "
@@ -366,6 +381,7 @@ class Session:
 
     _stopped = False
     step = 0
+    updates_done = 0  # optimizer updates of the run (sync_ref_model counts them)
     _reward_context: RewardContext | None = None
 
     def rollout(self) -> tuple[list[int], Rollout]:
@@ -530,6 +546,9 @@ class Session:
                 norm = runs.optimizer_step(self._params, self.optimizer, None, cfg.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
                 updates += 1
+                self.updates_done += 1
+                if cfg.sync_ref_model and self.updates_done % cfg.ref_model_sync_steps == 0:
+                    self.sync_reference()
                 h, n = self._entropy_stats  # the update's mean entropy over the bonus's tokens
                 self.entropy.update(h / n if n else math.nan)
                 self._entropy_stats = [0.0, 0.0]
@@ -548,6 +567,14 @@ class Session:
         self._gap_stats = [0.0, 0.0]
         self.timings["time/update"] = time.perf_counter() - t
         return out
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """π_ref ← α π_θ + (1 - α) π_ref, parameter by parameter (TR-DPO's soft update; α = 1: a reset)."""
+        policy = dict(self.policy.named_parameters())
+        names = [n for n, _ in self.ref.named_parameters()]
+        torch._foreach_lerp_([p for _, p in self.ref.named_parameters()], [policy[n].detach() for n in names],
+                             self.cfg.ref_model_mixup_alpha)
 
     def _entropy_quantile(self, exp: Experience, micros: list[torch.Tensor]) -> tuple[torch.Tensor | None, float | None]:
         """top_entropy_quantile's threshold over an optimizer batch split into ``micros``, and the count
@@ -674,6 +701,9 @@ class Session:
                      "modules": {k: m.state_dict() for k, m in self.modules.items()}}
             if self.ema is not None:
                 extra["ema"] = self.ema.state_dict()
+            extra["updates_done"] = self.updates_done
+            if cfg.sync_ref_model:  # no longer the starting model
+                extra["ref"] = self.ref.state_dict()
             runs.save(cfg, self.run_dir, step, self.policy, self.tokenizer, self.optimizer, self.scheduler, extra)
         if stop:
             self.logger.message(f"{self.name}: stopped after step {step} (stop_at_step); continue with resume=true")
