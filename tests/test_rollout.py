@@ -122,6 +122,25 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
 
 
+def test_min_p_keeps_the_tokens_near_the_likeliest():
+    """min-p keeps p ≥ min_p · max p, on any row's scale (logits shifted by a constant, the same),
+    before top-k/top-p as vLLM orders them; the likeliest token always stays."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]]))
+    assert torch.isfinite(filter_logits(logits, min_p=0.35)).tolist() == [[True, True, False, False],
+                                                                           [False, False, False, True]]
+    assert torch.isfinite(filter_logits(logits + 7.0, min_p=0.2)).tolist() == [[True, True, True, False],
+                                                                                [False, False, False, True]]
+    assert torch.isfinite(filter_logits(logits, min_p=0.05)).tolist() == [[True, True, True, True],
+                                                                          [True, True, True, True]]
+    assert torch.isfinite(filter_logits(logits, min_p=0.99)).sum(-1).tolist() == [1, 1]
+    # top-p over what min-p kept, renormalised: 0.5 / 0.95 ≥ 0.5 alone reaches top_p=0.5
+    assert torch.isfinite(filter_logits(logits[:1], top_p=0.5, min_p=0.2)).tolist() == [[True, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    draws = sample(filter_logits(logits[:1].expand(20000, 4), min_p=0.25), g)
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
+
+
 def test_rows_sharing_a_distribution_draw_what_each_row_would_alone():
     """``sample(logits, g, rows)`` draws exactly the tokens of ``sample(logits[rows], g)`` (rows of
     any node in any order, nodes with no row), without copying the distribution per row."""

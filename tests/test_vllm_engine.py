@@ -39,7 +39,8 @@ class StandInLLM:
         for p, sp in zip(prompts, sampling):
             assert sp.logprobs == 0 and sp.include_stop_str_in_output
             self.seeds.append(sp.seed)
-            params = SamplingParams(sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.n, tuple(sp.stop or ()))
+            params = SamplingParams(sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.n, tuple(sp.stop or ()),
+                                    min_p=sp.min_p)
             r = TorchEngine(self.worker.model_runner.model.lm, self.tokenizer, seed=sp.seed).generate(
                 [p["prompt_token_ids"]], params)
             completions = []

@@ -57,6 +57,7 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     temperature: float = Field(1.0, gt=0, description="sampling temperature (the trainer's log-probs use the same); > 0: a policy gradient needs sampled completions (greedy decoding has no gradient to follow)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     top_k: int = Field(0, ge=0, description="top-k sampling (0: off)")
+    min_p: float = Field(0.0, ge=0, lt=1, description="min-p sampling: keep the tokens at least min_p × the likeliest one's probability (0: off; TRL's and vLLM's min_p)")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO epochs, GRPO num_iterations)")
     mini_batches: int = Field(1, ge=1, description="optimizer updates per epoch; the rollout batch is shuffled and split")
     micro_batch_size: int = Field(512, ge=1, description="completions per forward/backward (gradient accumulation does not change the loss); 512 runs a quickstart-sized GRPO update 10-15% faster than 128 (fewer, larger products)")
@@ -269,7 +270,8 @@ class Session:
                 self.engine.sync_weights(self.policy)
         else:
             self.engine = TorchEngine(self.policy, self.tokenizer, cfg.sampling_dtype(), seed=cfg.seed)
-        self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations)
+        self.params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_generations,
+                                     min_p=cfg.min_p)
         self.rewards = make_rewards(cfg.reward, cfg.reward_on_invalid, cfg.reward_fallback)
         self.reward_norm = RunningNorm()
         self.prompts, self.metadata = self._load_prompts()

@@ -14,6 +14,7 @@ log softmax(logits / temperature). That is what the trainer recomputes for the i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,7 @@ class SamplingParams:
     n: int = 1  # completions per prompt, consecutive in the output
     stop: tuple[str, ...] = ()  # stop strings (the completion keeps them, as vLLM's include_stop_str)
     return_hidden: bool = False  # also the final hidden state that predicted each token (Rollout.hidden)
+    min_p: float = 0.0  # keep tokens at least min_p × the likeliest one's probability (Nguyen et al. 2024); 0: off
 
 
 @dataclass
@@ -78,9 +80,14 @@ def check_prompts(prompts: list[list[int]]) -> None:
         raise ValueError("empty prompt: a completion needs at least one token to condition on")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k, and outside the smallest set whose probability
-    reaches top_p (the most likely token always stays)."""
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit below min_p × the likeliest token's probability (min-p sampling:
+    log p < log min_p + max log p), then outside the top-k and outside the smallest set whose
+    probability reaches top_p (vLLM's order: min-p, then top-k and top-p); the most likely token
+    always stays."""
+    if min_p > 0:  # a shift of every logit changes no ratio of probabilities: logits work as log-probs
+        floor = logits.amax(-1, keepdim=True) + math.log(min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -186,7 +193,7 @@ class TorchEngine:
             if params.temperature <= 0:
                 tok = logp.argmax(-1)[node]
             else:
-                tok = sample(filter_logits(logp, params.top_k, params.top_p), self.generator, node)
+                tok = sample(filter_logits(logp, params.top_k, params.top_p, params.min_p), self.generator, node)
             out_ids[live, t] = tok
             out_lp[live, t] = logp[node, tok]
             if out_h is not None:

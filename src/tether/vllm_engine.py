@@ -12,9 +12,9 @@ What tether asks of vLLM, and why:
 
 - ``logprobs_mode="processed_logprobs"`` (vLLM ≥ 0.10.2): the log-probs of the distribution each
   token was drawn from, after temperature (vLLM's default, ``raw_logprobs``, ignores the temperature,
-  and the importance ratio would then compare different distributions). With top-k or top-p they are
-  renormalised over the kept tokens, where :class:`tether.rollout.TorchEngine` reports them before
-  truncation; with both off (the trainers' default) the two agree.
+  and the importance ratio would then compare different distributions). With top-k, top-p or min-p
+  they are renormalised over the kept tokens, where :class:`tether.rollout.TorchEngine` reports them
+  before truncation; with all three off (the trainers' default) the two agree.
 - One seed per request, drawn from the run's seed and a count of sampled ``generate`` calls kept in
   :meth:`state_dict`, so that a resumed run draws the seeds it would have drawn. vLLM's batched
   kernels are not bitwise reproducible across batch compositions, so resume is exact in the seeds, not
@@ -108,7 +108,7 @@ class VLLMEngine:
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=g).tolist()
         self.calls += params.temperature > 0
         sampling = [_vllm_sampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                   top_k=params.top_k, max_tokens=params.max_new_tokens,
+                                   top_k=params.top_k, min_p=params.min_p, max_tokens=params.max_new_tokens,
                                    stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0,
                                    seed=s) for s in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False)
