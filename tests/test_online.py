@@ -487,6 +487,32 @@ def test_trl_reward_functions_get_the_steps_token_ids_and_progress(tiny_model, t
     assert [c["extra"]["n_ids"] for c in logged if c["step"] == 1] == [len(i) for i in seen[0][3]]
 
 
+def test_chat_template_kwargs_reach_the_template(tiny_model, tokenizer, tmp_path):
+    """chat_template_kwargs (Qwen3's enable_thinking, say) are variables of every rendering of a chat
+    row: the prompts a run samples from show them, and a saved tokenizer keeps its template as is."""
+    import shutil
+
+    from tether.modeling import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}"
+                               "{% if enable_thinking is defined and not enable_thinking %}[no-think]{% endif %} A:{% endif %}")
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+                                        "answer": str(i + 1)}) + "\n" for i in range(4)))
+    chat = [{"role": "user", "content": "Q"}]
+    assert load_tokenizer(model).apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == "Q A:"
+    bound = load_tokenizer(model, {"enable_thinking": False})
+    assert bound.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == "Q[no-think] A:"
+    bound.save_pretrained(tmp_path / "saved")
+    assert load_tokenizer(tmp_path / "saved").apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == "Q A:"
+    r = grpo.train(small(grpo.GRPOConfig, model, tmp_path / "r", data=str(data), eval_data="none", max_steps=1,
+                         chat_template_kwargs={"enable_thinking": False}))
+    assert all(c["prompt"].endswith("[no-think] A:") for c in metrics(r.run_dir, "completions.jsonl"))
+
+
 def test_chat_prompts_without_a_template_name_their_row(tiny_model, tmp_path):
     import shutil
 

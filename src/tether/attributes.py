@@ -163,7 +163,7 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
     run_dir = runs.prepare_run_dir(cfg)
     ckpt, state = runs.resume_point(cfg, run_dir)
     path = ckpt or resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cfg.chat_template_kwargs)
     model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model),
                                 lambda p: load_reward_model(p, num_labels=len(cfg.attributes)), train_whole=("score",))
     model.config.pad_token_id = padding_id(tokenizer)

@@ -172,7 +172,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     run_dir = runs.prepare_run_dir(cfg)
     ckpt, state = runs.resume_point(cfg, run_dir)
     start_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(ckpt or start_path)
+    tokenizer = load_tokenizer(ckpt or start_path, cfg.chat_template_kwargs)
     model = runs.load_trainable(cfg, ckpt, start_path)
     pad = padding_id(tokenizer)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,15 +48,20 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved in ``path``; for a LoRA adapter folder without one, its base model's."""
+def load_tokenizer(path: str | Path, chat_template_kwargs: dict[str, Any] | None = None):
+    """The tokenizer saved in ``path``; for a LoRA adapter folder without one, its base model's.
+    ``chat_template_kwargs``: variables every rendering of its chat template gets (Qwen3's
+    ``enable_thinking``; TRL's ``chat_template_kwargs``), bound to this tokenizer object only."""
     from transformers import AutoTokenizer
 
     from . import lora
 
     if lora.is_adapter_folder(path) and not (Path(path) / "tokenizer_config.json").is_file():
-        return load_tokenizer(lora.adapter_base(path))
-    return AutoTokenizer.from_pretrained(str(path))
+        return load_tokenizer(lora.adapter_base(path), chat_template_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if chat_template_kwargs:  # an instance attribute: saving the tokenizer keeps the template as it was
+        tokenizer.apply_chat_template = functools.partial(tokenizer.apply_chat_template, **chat_template_kwargs)
+    return tokenizer
 
 
 def load_causal_lm(path: str | Path):

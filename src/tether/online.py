@@ -252,7 +252,7 @@ class Session:
         self.ckpt, self.state = runs.resume_point(cfg, self.run_dir)
         path = self.ckpt or resolve_model_path(cfg.model)
         self.base_path = resolve_model_path(cfg.model)
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path, cfg.chat_template_kwargs)
         self.pad = padding_id(self.tokenizer)
         self.policy = runs.load_trainable(cfg, self.ckpt, self.base_path)
         self.ref = None

@@ -158,7 +158,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     run_dir = runs.prepare_run_dir(cfg)
     ckpt, state = runs.resume_point(cfg, run_dir)
     path = ckpt or resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cfg.chat_template_kwargs)
     # the head is initialised after setup_torch's seed: reproducible; with LoRA it trains whole
     model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model), load_reward_model, train_whole=("score",))
     model.config.pad_token_id = pad = padding_id(tokenizer)

@@ -56,6 +56,7 @@ class RunConfig(Config):
     progress: bool = Field(True, description="show a progress bar")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs tether[tensorboard])")
     report: bool = Field(True, description="write report.md and report.png into output_dir at the end")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="variables the tokenizer's chat template gets wherever chat rows are rendered, e.g. {enable_thinking: false} for Qwen3 (TRL's chat_template_kwargs)")
 
     @field_validator("dtype")
     @classmethod

@@ -79,7 +79,7 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     run_dir = runs.prepare_run_dir(cfg)
     ckpt, state = runs.resume_point(cfg, run_dir)
     model_path = ckpt or resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template_kwargs)
     model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model))
     if cfg.packing and not packing_honoured(model):
         raise ConfigError(f"packing=true: {type(model).__name__} does not keep packed examples apart by their position "
