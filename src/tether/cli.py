@@ -125,7 +125,7 @@ def _cmd_eval(cfg) -> int:
     from .modeling import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
-    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path, cfg.chat_template_kwargs)
     rows = load_eval_rows(cfg.eval_data, cfg.eval_samples, tokenizer=tokenizer)
     ev = accuracy(model, tokenizer, rows, cfg.max_new_tokens)
     out = {"model": str(path), "accuracy": ev["accuracy"], "n": ev["n"], "samples": ev["samples"][:3]}

@@ -27,6 +27,7 @@ class EvalConfig(Config):
     samples: int = Field(0, ge=0, description="also draw this many completions per prompt at `temperature`: pass@k and majority-vote accuracy, the ceiling RL from this model can reach by sharpening (0: greedy only)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of `samples`")
     seed: int = Field(0, description="sampling seed of `samples`")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="variables the tokenizer's chat template gets for chat prompts, e.g. {enable_thinking: false} for Qwen3 (as the trainers)")
 
 
 def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None, tokenizer=None) -> list[dict[str, str]]:
