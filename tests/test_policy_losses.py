@@ -266,3 +266,16 @@ def test_whiten_is_zero_mean_unit_std_on_the_mask():
     assert w[0, 3] == 0
     assert float(w[0, :3].mean()) == pytest.approx(0, abs=1e-6)
     assert float(w[0, :3].std()) == pytest.approx(1, rel=1e-4)
+
+
+def test_grpo_config_hands_every_variant_parameter_to_the_loss():
+    """GRPOConfig's SAPO and VESPO parameters (TRL's names) reach PolicyLossConfig, each to its own field."""
+    from tether.grpo import GRPOConfig
+
+    names = {"sapo_temperature_pos": "sapo_tau_pos", "sapo_temperature_neg": "sapo_tau_neg",
+             "vespo_k_pos": "vespo_k_pos", "vespo_lambda_pos": "vespo_lambda_pos", "vespo_k_neg": "vespo_k_neg",
+             "vespo_lambda_neg": "vespo_lambda_neg"}
+    cfg = GRPOConfig(**{k: 1.5 + i for i, k in enumerate(names)}).loss_config()
+    assert [getattr(cfg, v) for v in names.values()] == [1.5 + i for i in range(len(names))]
+    default = GRPOConfig().loss_config()
+    assert [getattr(default, v) for v in names.values()] == [1.0, 1.05, 2.0, 3.0, 3.0, 2.0]  # TRL 1.16's

@@ -35,6 +35,12 @@ class GRPOConfig(OnlineConfig):
     kl_importance_correction: bool = Field(True, description="weight the KL term by the importance ratio (TRL's use_bias_correction_kl)")
     beta: float = Field(0.1, ge=0, description="KL coefficient (0: no reference model is loaded, TRL's default)")
     filter_groups: bool = Field(False, description="DAPO's dynamic sampling: train only on groups whose rewards differ (the others have zero advantage); no refill")
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="loss_type=sapo: the soft gate's temperature τ where A > 0")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="loss_type=sapo: τ where A ≤ 0")
+    vespo_k_pos: float = Field(2.0, description="loss_type=vespo: k of φ(W) = exp(λ + k log W - λ W) where A > 0")
+    vespo_lambda_pos: float = Field(3.0, description="loss_type=vespo: λ where A > 0")
+    vespo_k_neg: float = Field(3.0, description="loss_type=vespo: k where A ≤ 0")
+    vespo_lambda_neg: float = Field(2.0, description="loss_type=vespo: λ where A ≤ 0")
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="with several reward functions: normalise their weighted sum (GRPO), or normalise each function's scores within each group first, sum them with their weights, then normalise the sum over the batch (GDPO, Liu et al. 2026; TRL's option of the same name; scale_rewards then does not apply)")
     mini_batches: int = Field(2, ge=1, description="optimizer updates per rollout batch (TRL's steps_per_generation); the second is importance-weighted and clipped. Two learn faster than one at the same compute on the arithmetic world (README)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
@@ -69,7 +75,10 @@ class GRPOConfig(OnlineConfig):
                                 importance_level=self.importance_level,
                                 beta=self.beta if self.kl_penalty == "loss" else 0.0,
                                 kl_estimator=self.kl_estimator, kl_importance_correction=self.kl_importance_correction,
-                                max_completion_length=self.max_new_tokens)
+                                max_completion_length=self.max_new_tokens, sapo_tau_pos=self.sapo_temperature_pos,
+                                sapo_tau_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+                                vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+                                vespo_lambda_neg=self.vespo_lambda_neg)
 
 
 def train(cfg: GRPOConfig) -> runs.FitResult:
