@@ -165,10 +165,13 @@ def test_shared_prompt_rows_score_like_separate_rows(tiny_model, tokenizer, ld_a
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("reference,eval_data", [("cached", "none"), ("cached", "auto"), ("precompute", "none")])
-def test_dpo_resume_is_bit_identical(tiny_model, tmp_path, reference, eval_data):
+@pytest.mark.parametrize("reference,eval_data,extra", [
+    ("cached", "none", {}), ("cached", "auto", {}), ("precompute", "none", {}),
+    ("live", "auto", dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)),  # its reference too
+])
+def test_dpo_resume_is_bit_identical(tiny_model, tmp_path, reference, eval_data, extra):
     """Stopped at step 2 of 4 (half the pairs have cached reference scores), resumed: the same run."""
-    kw = dict(max_steps=4, eval_data=eval_data, reference=reference)
+    kw = dict(max_steps=4, eval_data=eval_data, reference=reference, **extra)
     straight = dpo.train(_cfg(tiny_model, tmp_path, "straight", **kw))
     dpo.train(_cfg(tiny_model, tmp_path, "split", stop_at_step=2, **kw))
     split = dpo.train(_cfg(tiny_model, tmp_path, "split", resume=True, **kw))
@@ -179,6 +182,28 @@ def test_dpo_resume_is_bit_identical(tiny_model, tmp_path, reference, eval_data)
     assert [r["loss"] for r in records(split.run_dir)] == [r["loss"] for r in records(straight.run_dir)]
     if eval_data == "auto":
         assert split.eval_after["pref_accuracy"] == straight.eval_after["pref_accuracy"]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_sync_ref_model_moves_the_reference_toward_the_policy(tiny_model, tmp_path, alpha):
+    """sync_ref_model (TR-DPO): after every ref_model_sync_steps-th update π_ref ← α π_θ + (1 - α) π_ref,
+    so after 2 steps with a sync every update the reference is α θ_1 + (1 - α) θ_0, kept in the
+    checkpoint; stored reference scores (cached, precompute) could not follow it and are refused."""
+    from safetensors.torch import load_file
+
+    from tether.checkpoint import load_state
+
+    r = dpo.train(_cfg(tiny_model, tmp_path, "sync", max_steps=2, save_every=1, keep_checkpoints=3, eval_data="none",
+                       reference="live", sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=alpha))
+    first, last = sorted((r.run_dir / "checkpoints").iterdir())
+    theta1, theta0 = load_file(first / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    for k, ref in load_state(last)["ref"].items():
+        key = k if k in theta1 else k.replace("lm_head.", "model.embed_tokens.")
+        torch.testing.assert_close(ref, alpha * theta1[key] + (1 - alpha) * theta0[key], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(theta1[k], theta0[k]) for k in theta1)
+    for bad in (dict(reference="cached"), dict(reference="precompute"), dict(reference="live", lora_rank=4)):
+        with pytest.raises(ValueError, match="sync_ref_model=true"):
+            _cfg(tiny_model, tmp_path, "bad", sync_ref_model=True, **bad)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import lora, runs
 from .config import ConfigError
@@ -29,7 +29,7 @@ from .runlog import read_metrics
 log = logging.getLogger(__name__)
 
 
-class DPOConfig(PairsConfig, LoraFields):
+class DPOConfig(PairsConfig, LoraFields, runs.RefSyncFields):
     """DPO from prompt/chosen/rejected pairs (plain text or chat messages)."""
 
     output_dir: str = Field("runs/dpo", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
@@ -56,6 +56,13 @@ class DPOConfig(PairsConfig, LoraFields):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _sync_needs_live(self):  # a stored score is the reference as it was: a sync could not reach it
+        if self.sync_ref_model and self.reference != "live":
+            raise ValueError(f"sync_ref_model=true needs reference=live (a reference model scoring every step), "
+                             f"not reference={self.reference}")
+        return self
 
 
 def pair_logps(model, pairs: list[PairExample], pad_id: int, ld_alpha: float | None, dtype: str = "fp32",
@@ -216,6 +223,8 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
             torch.save({"train": ref_train, "eval": ref_eval}, cache)
         elif cfg.reference == "live":
             ref_model = scorer
+            if state is not None and "ref" in state:  # synced (sync_ref_model): no longer the starting model
+                ref_model.load_state_dict(state["ref"])
     if cfg.reference == "cached":
         cached = CachedReference(load_reference, pairs, pad, cfg, state, None if scorer is model else scorer)
     del scorer  # a separate reference lives on only as ref_model (live) or in the cache, which releases it
@@ -235,7 +244,12 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
                                     cfg.shared_prompt)
         return torch.stack([c, r], -1)
 
+    updates = [state["step"] if state is not None else 0]  # optimizer updates done (sync_ref_model counts them)
+
     def step(idx: list[int]) -> dict[str, float]:
+        if cfg.sync_ref_model and updates[0] and updates[0] % cfg.ref_model_sync_steps == 0:
+            runs.sync_reference(ref_model, model, cfg.ref_model_mixup_alpha)  # after every N-th update
+        updates[0] += 1
         totals, n_tok = accumulate_gradients(model, [pairs[i] for i in idx], reference_of(idx), cfg, pad)
         return {**totals, "tokens": n_tok}
 
@@ -243,12 +257,14 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     def evaluate() -> dict[str, Any]:
         ev: dict[str, Any] = {}
         if eval_pairs:
+            # a synced reference is scored as it is now (fp32, like the evaluation)
+            current_ref_eval = reference_logps(ref_model, eval_pairs, pad, cfg.ld_alpha) if cfg.sync_ref_model else ref_eval
             model.eval()
             margins = []
             for i in range(0, len(eval_pairs), 64):
                 c, r, _, _ = pair_logps(model, eval_pairs[i:i + 64], pad, cfg.ld_alpha,
                                         shared_prompt=cfg.shared_prompt)
-                ref = ref_eval[i:i + 64] if ref_eval is not None else torch.zeros(len(c), 2)
+                ref = current_ref_eval[i:i + 64] if current_ref_eval is not None else torch.zeros(len(c), 2)
                 margins.append((c - ref[:, 0]) - (r - ref[:, 1]))
             model.train()
             ev["pref_accuracy"] = float((torch.cat(margins) > 0).float().mean())
@@ -256,10 +272,17 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
             ev.update(accuracy(model, tokenizer, eval_prompts, cfg.max_new_tokens))
         return ev
 
+    def extra_state() -> dict[str, Any]:
+        """What a checkpoint keeps besides the loop's state: the cached reference scores, a synced reference."""
+        extra = {**cached.state_dict(), "ref_eval": ref_eval} if cached else {}
+        if cfg.sync_ref_model:
+            extra["ref"] = ref_model.state_dict()
+        return extra
+
     result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "dpo", step,
                       evaluate if (eval_pairs or eval_prompts) else None,
                       f"{stats.summary()}; reference {cfg.reference}; model {ckpt or start_path}",
-                      extra_state=(lambda: {**cached.state_dict(), "ref_eval": ref_eval}) if cached else None)
+                      extra_state=extra_state)
     if cfg.report and not result.stopped_early:
         from .report import write_report
 

@@ -45,7 +45,7 @@ from .runlog import RunLogger, read_metrics
 log = logging.getLogger(__name__)
 
 
-class OnlineConfig(runs.RunConfig, LoraFields):
+class OnlineConfig(runs.RunConfig, LoraFields, runs.RefSyncFields):
     """Fields of every online RL trainer. One step = one rollout batch and its updates."""
 
     data: str = Field("arith", description="'arith' (the arithmetic world's training problems) or a file/folder of rows with 'prompt' (other fields reach the reward as metadata)")
@@ -93,9 +93,6 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     entropy_coef_min: float = Field(0.0, ge=0, description="adaptive entropy control: the coefficient's lower bound")
     entropy_coef_max: float = Field(1.0, ge=0, description="adaptive entropy control: the coefficient's upper bound")
     top_entropy_quantile: float = Field(1.0, ge=0, le=1, description="policy loss on the top share of tokens by entropy only, the forks (Wang et al. 2025, 'Beyond the 80/20 rule': 0.2), the quantile taken over each optimizer batch (TRL's, per micro-batch); 1: every token")
-    sync_ref_model: bool = Field(False, description="move the reference toward the policy every ref_model_sync_steps optimizer updates, π_ref ← α π_θ + (1 - α) π_ref (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model; α = 1 resets it to the policy, as ProRL's reference resets), so that a long run's KL anchors to a recent policy rather than the start; the reference's weights then go into checkpoints")
-    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="sync_ref_model: α, the policy's share of the new reference")
-    ref_model_sync_steps: int = Field(512, ge=1, description="sync_ref_model: optimizer updates between syncs (epochs × mini_batches a step)")
 
     @model_validator(mode="after")
     def _entropy_bounds(self):
@@ -107,9 +104,6 @@ class OnlineConfig(runs.RunConfig, LoraFields):
     def _sync_ref(self):
         if self.sync_ref_model and not (self.beta > 0 or self.kl_target is not None):
             raise ValueError("sync_ref_model=true needs a reference model: set beta > 0 (or kl_target)")
-        if self.sync_ref_model and self.lora_rank:  # the reference is the policy with its adapters off
-            raise ValueError("sync_ref_model=true does not run with LoRA: the reference is the base model under the "
-                             "adapters, which a sync would change for the policy too")
         return self
 
     def sampling_dtype(self) -> str:
@@ -550,7 +544,7 @@ class Session:
                 updates += 1
                 self.updates_done += 1
                 if cfg.sync_ref_model and self.updates_done % cfg.ref_model_sync_steps == 0:
-                    self.sync_reference()
+                    runs.sync_reference(self.ref, self.policy, cfg.ref_model_mixup_alpha)
                 h, n = self._entropy_stats  # the update's mean entropy over the bonus's tokens
                 self.entropy.update(h / n if n else math.nan)
                 self._entropy_stats = [0.0, 0.0]
@@ -569,14 +563,6 @@ class Session:
         self._gap_stats = [0.0, 0.0]
         self.timings["time/update"] = time.perf_counter() - t
         return out
-
-    @torch.no_grad()
-    def sync_reference(self) -> None:
-        """π_ref ← α π_θ + (1 - α) π_ref, parameter by parameter (TR-DPO's soft update; α = 1: a reset)."""
-        policy = dict(self.policy.named_parameters())
-        names = [n for n, _ in self.ref.named_parameters()]
-        torch._foreach_lerp_([p for _, p in self.ref.named_parameters()], [policy[n].detach() for n in names],
-                             self.cfg.ref_model_mixup_alpha)
 
     def _entropy_quantile(self, exp: Experience, micros: list[torch.Tensor]) -> tuple[torch.Tensor | None, float | None]:
         """top_entropy_quantile's threshold over an optimizer batch split into ``micros``, and the count

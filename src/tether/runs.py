@@ -210,6 +210,30 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
+class RefSyncFields(Config):
+    """TR-DPO's reference sync (Gorbatovski et al. 2024; TRL's ``sync_ref_model`` and its two
+    parameters), for the trainers with a reference model: DPO, GRPO, PPO, REINFORCE."""
+
+    sync_ref_model: bool = Field(False, description="move the reference toward the policy every ref_model_sync_steps optimizer updates, π_ref ← α π_θ + (1 - α) π_ref (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model; α = 1 resets it to the policy, as ProRL's reference resets), so that a long run's KL anchors to a recent policy rather than the start; the reference's weights then go into checkpoints")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0, le=1, description="sync_ref_model: α, the policy's share of the new reference")
+    ref_model_sync_steps: int = Field(512, ge=1, description="sync_ref_model: optimizer updates between syncs")
+
+    @model_validator(mode="after")
+    def _sync_ref_lora(self):
+        if self.sync_ref_model and getattr(self, "lora_rank", 0):  # the reference is the policy with its adapters off
+            raise ValueError("sync_ref_model=true does not run with LoRA: the reference is the base model under the "
+                             "adapters, which a sync would change for the policy too")
+        return self
+
+
+@torch.no_grad()
+def sync_reference(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """π_ref ← α π_θ + (1 - α) π_ref, parameter by parameter (TR-DPO's soft update; α = 1: a reset)."""
+    params = dict(policy.named_parameters())
+    names = [n for n, _ in ref.named_parameters()]
+    torch._foreach_lerp_([p for _, p in ref.named_parameters()], [params[n].detach() for n in names], alpha)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or its gradient is not finite: an optimizer step would write NaN into every weight."""
 
