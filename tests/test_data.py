@@ -83,6 +83,29 @@ def test_chat_messages_train_on_assistant_turns_only(tokenizer):
     assert tokenizer.decode([t for t, m in zip(ex2.input_ids, ex2.loss_mask) if m]) == "6<|im_end|>\n"
 
 
+def test_a_template_that_refuses_the_messages_names_the_row(tmp_path, tokenizer):
+    """A chat template's own raise_exception (Qwen's and Llama's refuse some role orders) is a data error
+    naming the row, in SFT and preference rows alike, and skip_bad_rows skips the row."""
+    from tether.data import tokenize_pairs
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                         "messages') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    f = tmp_path / "chat.jsonl"
+    sys_msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2?"}]
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]})
+                 + "\n" + json.dumps({"messages": sys_msgs + [{"role": "assistant", "content": "4"}]}) + "\n")
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: chat messages cannot be rendered.*no system messages"):
+        tokenize_sft(read_rows(f), tok, 64)
+    examples, stats = tokenize_sft(read_rows(f), tok, 64, skip_bad_rows=True)
+    assert len(examples) == 1 and stats.skipped_bad == 1
+    g = tmp_path / "pairs.jsonl"
+    g.write_text(json.dumps({"prompt": sys_msgs, "chosen": [{"role": "assistant", "content": "4"}],
+                             "rejected": [{"role": "assistant", "content": "5"}]}) + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:1: chat messages cannot be rendered"):
+        tokenize_pairs(read_rows(g), tok, 64)
+
+
 def test_malformed_jsonl_row_names_file_and_line(tmp_path, tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n{not json\n")

@@ -511,6 +511,21 @@ def test_chat_template_kwargs_reach_the_template(tiny_model, tokenizer, tmp_path
     r = grpo.train(small(grpo.GRPOConfig, model, tmp_path / "r", data=str(data), eval_data="none", max_steps=1,
                          chat_template_kwargs={"enable_thinking": False}))
     assert all(c["prompt"].endswith("[no-think] A:") for c in metrics(r.run_dir, "completions.jsonl"))
+    # the call's own arguments are tether's to set per rendering: a fixed one would corrupt every row
+    from tether.config import ConfigError
+
+    with pytest.raises(ConfigError, match="add_generation_prompt are apply_chat_template's own arguments"):
+        load_tokenizer(model, {"enable_thinking": False, "add_generation_prompt": True})
+
+
+def test_settings_that_would_do_nothing_are_refused(tiny_model, tmp_path):
+    """kl_target multiplies β, so from β = 0 it never moves; sync_ref_model needs a reference. TRL's
+    min_p=None is off (0)."""
+    for kw, match in [(dict(beta=0.0, kl_target=0.1), "kl_target adapts beta"),
+                      (dict(beta=0.0, sync_ref_model=True), "sync_ref_model=true needs a reference model")]:
+        with pytest.raises(ValueError, match=match):
+            small(grpo.GRPOConfig, tiny_model, tmp_path, **kw)
+    assert small(grpo.GRPOConfig, tiny_model, tmp_path, min_p=None).min_p == 0.0
 
 
 def test_chat_prompts_without_a_template_name_their_row(tiny_model, tmp_path):

@@ -279,3 +279,25 @@ def test_grpo_config_hands_every_variant_parameter_to_the_loss():
     assert [getattr(cfg, v) for v in names.values()] == [1.5 + i for i in range(len(names))]
     default = GRPOConfig().loss_config()
     assert [getattr(default, v) for v in names.values()] == [1.0, 1.05, 2.0, 3.0, 3.0, 2.0]  # TRL 1.16's
+
+
+@pytest.mark.parametrize("kw", [dict(multi_objective_aggregation="normalize_then_sum"), dict(scale_rewards="batch"),
+                                dict(scale_rewards="group")])
+def test_filtered_groups_leave_the_kept_groups_advantages_as_if_alone(kw):
+    """With filter_groups the advantages are those of a batch holding only the kept groups (DAPO refills
+    the batch with such groups): the filtered groups' constant scores would otherwise shrink GDPO's or
+    scale_rewards=batch's std and inflate the kept advantages. Filtered rows get 0."""
+    from tether.grpo import GRPOConfig, advantages
+
+    cfg = GRPOConfig(num_generations=2, **kw)
+    each = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.5], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    w = torch.tensor([1.0, 0.5])
+    scores = each if "multi_objective_aggregation" in kw else each @ w
+    keep = informative_groups(scores, 2)
+    assert keep.tolist() == [True, True, False, False, True, True, False, False]
+    got = advantages(cfg, scores, w, keep)
+    alone = advantages(cfg, scores[keep], w)
+    torch.testing.assert_close(got[keep], alone)
+    assert (got[~keep] == 0).all() and alone.abs().min() > 0.1
+    if kw.get("scale_rewards") != "group":  # the whole batch's statistics would differ
+        assert not torch.allclose(advantages(cfg, scores, w)[keep], alone)

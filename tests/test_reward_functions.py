@@ -53,6 +53,19 @@ async def trl_async(completions, answer, **kwargs):  # TRL runs async reward fun
 async def tether_async(prompts, completions, metadata):
     return [float(c.strip() == str(m["answer"])) for c, m in zip(completions, metadata)]
 
+LIMIT = {}
+
+async def trl_async_pooled(completions, answer, **kwargs):  # a client made on the first call, reused after
+    import asyncio
+    sem = LIMIT.setdefault("sem", asyncio.Semaphore(1))  # bound to the loop where it first makes one wait
+
+    async def one(c, a):
+        async with sem:
+            await asyncio.sleep(0)
+            return float(c.strip() == str(a))
+    return await asyncio.gather(*(one(c, a) for c, a in zip(completions, answer)))
+
+
 def chat_acc(prompts, completions, answer, **kwargs):  # TRL's conversational form
     SEEN["chat_acc"] = dict(prompts=prompts, completions=completions)
     return [float(c[0]["content"].strip() == str(a)) for c, a in zip(completions, answer)]
@@ -142,10 +155,25 @@ def test_a_logged_metric_never_replaces_tethers_own(user_rewards, tmp_path):
     assert m["reward/dropped"] == 0 and m["reward/mine"] == 1.0
 
 
-@pytest.mark.parametrize("name", ["trl_async", "tether_async"])
+@pytest.mark.parametrize("name", ["trl_async", "tether_async", "trl_async_pooled"])
 def test_async_reward_functions_are_awaited(user_rewards, name):
-    r, m = make_rewards(f"py:{user_rewards}:{name}")(PROMPTS[:2], TEXTS[:2], META[:2])
-    assert r.tolist() == [1.0, 0.0] and m[f"reward/py:{user_rewards}:{name}/invalid"] == 0
+    """Awaited on one event loop for the whole process (as TRL keeps one for the run): what an async
+    function made on its first call (a semaphore, a client) still works on the later ones."""
+    rs = make_rewards(f"py:{user_rewards}:{name}")
+    for _ in range(3):
+        r, m = rs(PROMPTS[:2], TEXTS[:2], META[:2])
+        assert r.tolist() == [1.0, 0.0] and m[f"reward/py:{user_rewards}:{name}/invalid"] == 0
+
+
+def test_bad_reward_specs_are_refused(tmp_path):
+    for spec, match in [({}, "names no reward function"), ({"exact_match": float("nan")}, "must be finite"),
+                        ({"exact_match": float("inf"), "format": 1.0}, "must be finite")]:
+        with pytest.raises(ValueError, match=match):
+            make_rewards(spec)
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(prompts, completions, metadata):\n    return [0.0] * len(completions\n")
+    with pytest.raises(ValueError, match=f"running {broken} raised SyntaxError"):
+        make_rewards(f"py:{broken}:f")
 
 
 def test_a_missing_column_is_an_invalid_batch_not_a_crash(user_rewards, caplog):

@@ -186,14 +186,24 @@ def _default_bos(tokenizer) -> int | None:
     return tokenizer._tether_bos
 
 
+def render_chat(tokenizer, messages: list, where: str, add_generation_prompt: bool = False) -> str:
+    """The text of ``messages`` as the tokenizer's chat template renders them; a :class:`DataError`
+    naming ``where`` (file:line) if there is no template or it cannot render them (a template's own
+    ``raise_exception``, as Qwen's and Llama's use to refuse a role order, included)."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # transformers renders templates with jinja2; without it no template renders at all
+        TemplateError = ValueError  # noqa: N806
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (ValueError, TypeError, KeyError, TemplateError) as e:  # no template, or messages it cannot render
+        raise DataError(f"{where}: chat messages cannot be rendered with this tokenizer's chat template: {e}") from None
+
+
 def chat_prompt_text(tokenizer, messages: list, where: str) -> str:
     """A chat prompt's text: the messages rendered by the tokenizer's template with the assistant turn
-    opened (what online RL samples from and evaluation greedily completes); a :class:`DataError`
-    naming ``where`` (file:line) if the template is missing or cannot render them."""
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except (ValueError, TypeError, KeyError) as e:  # no template, or messages it cannot render
-        raise DataError(f"{where}: chat messages cannot be rendered with this tokenizer: {e}") from None
+    opened (what online RL samples from and evaluation greedily completes)."""
+    return render_chat(tokenizer, messages, where, add_generation_prompt=True)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -284,16 +294,16 @@ def _tokenize_chat(row: Row, tokenizer, msgs: list[dict], trainable: str) -> Exa
         train = m.get("_train", False) if trainable == "flagged" else m["role"] == "assistant"
         if not train:
             continue
-        before = tokenizer.apply_chat_template(clean[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(clean[: i + 1], tokenize=False)
+        before = render_chat(tokenizer, clean[:i], row.where, add_generation_prompt=True) if i else ""
+        upto = render_chat(tokenizer, clean[: i + 1], row.where)
         if not upto.startswith(before):
-            before = tokenizer.apply_chat_template(clean[:i], tokenize=False) if i else ""
+            before = render_chat(tokenizer, clean[:i], row.where) if i else ""
             if not upto.startswith(before):
                 raise DataError(f"{row.where}: the chat template does not render turns as prefixes; cannot locate turn {i}")
         spans.append((len(before), len(upto)))
     if not spans:
         raise DataError(f"{row.where}: no assistant/completion turn to train on")
-    text = tokenizer.apply_chat_template(clean, tokenize=False)
+    text = render_chat(tokenizer, clean, row.where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
     mask[0] = 0
@@ -475,8 +485,8 @@ def _completion_text(row: Row, tokenizer, prompt: Any, completion: Any, key: str
         msgs_c = _check_messages(row, completion, key)
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{row.where}: chat messages given but the tokenizer has no chat template")
-        p = tokenizer.apply_chat_template(msgs_p, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs_p + msgs_c, tokenize=False)
+        p = render_chat(tokenizer, msgs_p, row.where, add_generation_prompt=True)
+        full = render_chat(tokenizer, msgs_p + msgs_c, row.where)
         if not full.startswith(p):
             raise DataError(f"{row.where}: the chat template does not render the prompt as a prefix")
         return p, full[len(p):]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from . import runs
@@ -81,6 +82,24 @@ class GRPOConfig(OnlineConfig):
                                 vespo_lambda_neg=self.vespo_lambda_neg)
 
 
+def advantages(cfg: GRPOConfig, scores: torch.Tensor, weights: torch.Tensor,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) advantages of ``scores``: the total rewards (B,) normalised per ``scale_rewards``, or under
+    GDPO each function's scores (B, K) with their ``weights``. With ``keep`` (filter_groups) they are
+    computed over the kept groups alone, as if the batch held only them (DAPO refills it with such
+    groups): the others' constant scores would shrink a batch std and inflate the kept advantages.
+    The others get 0."""
+    rows = keep if keep is not None else torch.ones(len(scores), dtype=torch.bool)
+    adv = torch.zeros(len(scores))
+    if not rows.any():
+        return adv
+    if cfg.multi_objective_aggregation == "normalize_then_sum":
+        adv[rows] = decoupled_advantages(scores[rows], weights, cfg.num_generations)
+    else:
+        adv[rows] = group_advantages(scores[rows], cfg.num_generations, cfg.scale_rewards)
+    return adv
+
+
 def train(cfg: GRPOConfig) -> runs.FitResult:
     s = Session(cfg, "grpo")
     loss_cfg = cfg.loss_config()
@@ -89,15 +108,13 @@ def train(cfg: GRPOConfig) -> runs.FitResult:
         idx, roll = s.rollout()                                               # 1. sample groups
         rewards, reward_metrics = s.score(idx, roll)                          # 2. score them
         decoupled = cfg.multi_objective_aggregation == "normalize_then_sum"  # GDPO: each function on its own
-        scores = s.reward_each if decoupled else rewards
-        keep = informative_groups(scores, cfg.num_generations) if cfg.filter_groups else None
+        keep = informative_groups(s.reward_each if decoupled else rewards, cfg.num_generations) \
+            if cfg.filter_groups else None
         exp = s.experience(roll, rewards, keep)                               # (+ reference log-probs)
         if cfg.beta and cfg.kl_penalty == "reward":                           # KL as a reward penalty
             rewards = rewards + s.kl_reward(exp).sum(-1)
-        if decoupled:                                                          # 3. group-relative A
-            adv = decoupled_advantages(scores, s.rewards.weight_vector(), cfg.num_generations)
-        else:
-            adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+        adv = advantages(cfg, s.reward_each if decoupled else rewards,        # 3. group-relative A
+                         s.rewards.weight_vector(), keep)
 
         metrics = s.update(exp, s.policy_loss_fn(exp, adv, loss_cfg))        # 4. clipped updates
         s.end_step(step, exp, {**reward_metrics, **token_means(metrics), "advantage_abs": float(adv.abs().mean()),

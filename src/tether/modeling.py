@@ -60,6 +60,12 @@ def load_tokenizer(path: str | Path, chat_template_kwargs: dict[str, Any] | None
         return load_tokenizer(lora.adapter_base(path), chat_template_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if chat_template_kwargs:  # an instance attribute: saving the tokenizer keeps the template as it was
+        own = [n for n, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n in chat_template_kwargs]
+        if own:  # tether sets these per call (add_generation_prompt, tokenize...): a fixed value corrupts rows
+            raise ConfigError(f"chat_template_kwargs: {', '.join(own)} are apply_chat_template's own arguments, "
+                              "which tether sets for each rendering; only the template's variables go here "
+                              "(e.g. enable_thinking)")
         tokenizer.apply_chat_template = functools.partial(tokenizer.apply_chat_template, **chat_template_kwargs)
     return tokenizer
 

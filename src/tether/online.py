@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import lora, runs
 from .arith import ArithSpec, problem_space
@@ -102,9 +102,21 @@ class OnlineConfig(runs.RunConfig, LoraFields, runs.RefSyncFields):
 
     @model_validator(mode="after")
     def _sync_ref(self):
-        if self.sync_ref_model and not (self.beta > 0 or self.kl_target is not None):
-            raise ValueError("sync_ref_model=true needs a reference model: set beta > 0 (or kl_target)")
+        if self.sync_ref_model and not self.beta > 0:
+            raise ValueError("sync_ref_model=true needs a reference model: set beta > 0")
         return self
+
+    @model_validator(mode="after")
+    def _adaptive_kl(self):  # β_{t+1} = β_t (1 + ...): from 0 it never moves
+        if self.kl_target is not None and not self.beta > 0:
+            raise ValueError("kl_target adapts beta by a factor each step, so it needs a starting beta > 0 "
+                             "(e.g. beta=0.05); with beta=0 it would stay 0")
+        return self
+
+    @field_validator("min_p", mode="before")
+    @classmethod
+    def _min_p_off(cls, v: Any) -> Any:  # TRL's way to turn it off
+        return 0.0 if v is None else v
 
     def sampling_dtype(self) -> str:
         """The dtype the engine samples in."""

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -185,17 +186,20 @@ class RewardSet:
         return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), invalid, reasons
 
 
-def _run_coroutine(coro):
-    """The result of an async reward function's coroutine, also from inside a running event loop
-    (a notebook's): there it runs in a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    from concurrent.futures import ThreadPoolExecutor
+_LOOP: asyncio.AbstractEventLoop | None = None
 
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+
+def _run_coroutine(coro):
+    """The result of an async reward function's coroutine, run on one event loop for the whole process
+    (a daemon thread's, as TRL keeps one for the run): a semaphore, client or connection pool an
+    async reward function created on its first call stays usable on the next. From inside a running
+    event loop (a notebook's) too, as the coroutine runs in that other thread."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="tether-reward-loop", daemon=True).start()
+        _LOOP = loop
+    return asyncio.run_coroutine_threadsafe(coro, _LOOP).result()
 
 
 def _as_float(v: Any) -> float:
@@ -395,7 +399,10 @@ def load_python_reward(ref: str) -> RewardFn:
             raise ValueError(f"reward py:{ref}: no file {path}")
         spec = importlib.util.spec_from_file_location(f"tether_user_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - the user's file: say which, and what it raised
+            raise ValueError(f"reward py:{ref}: running {path} raised {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(target)
@@ -453,6 +460,11 @@ def make_rewards(spec: str | dict[str, float], on_invalid: str = "fallback", fal
     ``py:FILE.py:NAME`` / ``py:module:NAME`` a function of the user's (:func:`load_python_reward`)."""
     reg = registry or REWARDS
     weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
+    if not weights:
+        raise ValueError("reward={} names no reward function: give one name or {name: weight, ...}")
+    bad = {k: w for k, w in weights.items() if not isinstance(w, (int, float)) or not math.isfinite(w)}
+    if bad:
+        raise ValueError(f"reward weights must be finite numbers: {bad}")
     fns: dict[str, RewardFn] = {}
     unknown = []
     for name in weights:
