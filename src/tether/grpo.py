@@ -103,11 +103,11 @@ def advantages(cfg: GRPOConfig, scores: torch.Tensor, weights: torch.Tensor,
 def train(cfg: GRPOConfig) -> runs.FitResult:
     s = Session(cfg, "grpo")
     loss_cfg = cfg.loss_config()
+    decoupled = cfg.multi_objective_aggregation == "normalize_then_sum"  # GDPO: each function on its own
     s.begin()
     for step in s.steps():
         idx, roll = s.rollout()                                               # 1. sample groups
         rewards, reward_metrics = s.score(idx, roll)                          # 2. score them
-        decoupled = cfg.multi_objective_aggregation == "normalize_then_sum"  # GDPO: each function on its own
         keep = informative_groups(s.reward_each if decoupled else rewards, cfg.num_generations) \
             if cfg.filter_groups else None
         exp = s.experience(roll, rewards, keep)                               # (+ reference log-probs)
