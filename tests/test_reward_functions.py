@@ -147,12 +147,13 @@ def test_trl_keywords_come_from_the_steps_context(user_rewards):
     assert r.tolist() == [3.0, 1.0, 2.0]
 
 
-def test_a_logged_metric_never_replaces_tethers_own(user_rewards, tmp_path):
+def test_a_logged_metric_never_replaces_tethers_own(user_rewards, tmp_path, caplog):
     f = tmp_path / "clash.py"
     f.write_text("def f(completions, log_metric, **kw):\n    log_metric('dropped', 99.0)\n"
                  "    log_metric('mine', 1.0)\n    return [0.0] * len(completions)\n")
     _, m = make_rewards(f"py:{f}:f")(PROMPTS, TEXTS, META, RewardContext())
     assert m["reward/dropped"] == 0 and m["reward/mine"] == 1.0
+    assert "log_metric('dropped', ...): tether logs reward/dropped itself" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["trl_async", "tether_async", "trl_async_pooled"])

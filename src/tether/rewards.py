@@ -154,7 +154,13 @@ class RewardSet:
         each[dropped] = float("nan")
         metrics["reward/dropped"] = float(dropped.sum())
         if context is not None:  # a name tether logs itself keeps tether's value
-            metrics.update({k: v for k, v in context.logged_metrics().items() if k not in metrics})
+            for k, v in context.logged_metrics().items():
+                if k not in metrics:
+                    metrics[k] = v
+                elif k not in _CLASHES:
+                    _CLASHES.add(k)
+                    log.warning("log_metric(%r, ...): tether logs %s itself and keeps its own value; "
+                                "give the metric another name", k[len("reward/"):], k)
         return each, metrics
 
     def weight_vector(self) -> torch.Tensor:
@@ -187,6 +193,7 @@ class RewardSet:
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None
+_CLASHES: set[str] = set()  # log_metric names that clash with tether's own, warned about once
 
 
 def _run_coroutine(coro):
