@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -37,6 +38,14 @@ def test_unknown_key_exits_with_a_clear_error(capsys):
     assert main(["sft", "lerning_rate=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'lerning_rate'" in err and "valid keys" in err
+
+
+def test_options_may_be_spelt_as_flags(capsys):
+    """``--key=value`` is taken as ``key=value``; any other stray flag is still an error."""
+    assert main(["eval", "--eval_samples=3", "--max-new-tokens=4"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    with pytest.raises(SystemExit):
+        main(["eval", "--eval_samples", "3"])
 
 
 ONLINE = ["max_steps=2", "prompts_per_step=2", "num_generations=2", "max_new_tokens=4", "eval_samples=4"]

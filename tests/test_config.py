@@ -35,6 +35,31 @@ def test_nested_arith_spec_is_validated():
         SFTConfig.load(overrides=["arith={maximum: 9}"])
 
 
+def test_a_nested_option_merges_key_by_key(tmp_path):
+    """``arith.max_operand=30`` or ``arith='{ops: +}'`` changes one setting of the file's arith block and
+    keeps the others; a plain dict option (reward) is replaced whole."""
+    f = tmp_path / "g.yaml"
+    f.write_text("arith: {max_operand: 20, ops: '+-'}\nreward: {exact_match: 1, format: 0.5}\n")
+    from tether.grpo import GRPOConfig
+
+    dotted = GRPOConfig.load(f, ["arith.max_operand=30"])
+    assert dotted.arith.max_operand == 30 and dotted.arith.ops == "+-"
+    flow = GRPOConfig.load(f, ["arith={ops: '+'}", "reward={exact_match: 1}"])
+    assert flow.arith.max_operand == 20 and flow.arith.ops == "+" and flow.reward == {"exact_match": 1}
+    assert GRPOConfig.load(overrides=["arith.ops=*"]).arith.ops == "*"
+    with pytest.raises(ConfigError, match="nothing_like"):
+        GRPOConfig.load(overrides=["arith.nothing_like=1"])
+
+
+def test_an_unknown_key_is_traced_to_where_it_was_written(tmp_path):
+    f = tmp_path / "g.yaml"
+    f.write_text("lr: 0.001\n")
+    with pytest.raises(ConfigError, match="'lerning_rate' in the command line"):
+        SFTConfig.load(f, ["lerning_rate=3"])
+    with pytest.raises(ConfigError, match="--config FILE"):
+        SFTConfig.load(overrides=["config=g.yaml"])
+
+
 def test_batch_must_split_into_micro_batches():
     with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
         SFTConfig.load(overrides=["batch_size=10", "micro_batch_size=4"])

@@ -160,8 +160,7 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
         return sft.train(sft.SFTConfig(**{**keep, "eval_data": "none"}), rows=sft_rows)
 
     runs.setup_torch(cfg)
-    run_dir = runs.prepare_run_dir(cfg)
-    ckpt, state = runs.resume_point(cfg, run_dir)
+    run_dir, ckpt, state = runs.open_run(cfg)
     path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path, cfg.chat_template_kwargs)
     model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model),
@@ -199,7 +198,7 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
 
     result = runs.fit(cfg, run_dir, model, tokenizer, len(examples), state, "attributes", step,
                       evaluate if held else None, f"{len(examples)} rated rows; model {path}")
-    if cfg.report and not result.stopped_early:
+    if cfg.report and result.ended_here:
         from .report import write_report
 
         summary: dict[str, Any] = {"steps": result.steps, "attributes": ", ".join(cfg.attributes)}

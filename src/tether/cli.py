@@ -69,7 +69,7 @@ def _cmd_reward(cfg) -> int:
     from .reward import train
 
     r = train(cfg)
-    if r.eval_after is not None:
+    if r.eval_before is not None and r.eval_after is not None:
         print(f"held-out pairwise accuracy: {r.eval_before['pairwise_accuracy']:.1%} -> "
               f"{r.eval_after['pairwise_accuracy']:.1%}")
     print(f"reward model: {r.final_dir}")
@@ -80,7 +80,7 @@ def _cmd_attributes(cfg) -> int:
     from .attributes import train
 
     r = train(cfg)
-    if r.eval_after is not None and "rank_accuracy" in r.eval_after:
+    if r.eval_before is not None and r.eval_after is not None and "rank_accuracy" in r.eval_after:
         print(f"held-out rank accuracy: {r.eval_before['rank_accuracy']:.1%} -> {r.eval_after['rank_accuracy']:.1%}")
     print(f"model: {r.final_dir}")
     return 0
@@ -127,7 +127,15 @@ def _cmd_eval(cfg) -> int:
     path = resolve_model_path(cfg.model)
     model, tokenizer = load_causal_lm(path), load_tokenizer(path, cfg.chat_template_kwargs)
     rows = load_eval_rows(cfg.eval_data, cfg.eval_samples, tokenizer=tokenizer)
-    ev = accuracy(model, tokenizer, rows, cfg.max_new_tokens)
+    if cfg.dtype == "bf16":  # as the online trainers evaluate: the rollout engine, greedy, in bf16
+        from .evaluate import engine_texts, score_completions
+        from .rollout import SamplingParams, TorchEngine
+
+        greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0)
+        ev = score_completions(rows, engine_texts(TorchEngine(model, tokenizer, "bf16"), tokenizer,
+                                                  [r["prompt"] for r in rows], greedy))
+    else:
+        ev = accuracy(model, tokenizer, rows, cfg.max_new_tokens)
     out = {"model": str(path), "accuracy": ev["accuracy"], "n": ev["n"], "samples": ev["samples"][:3]}
     if cfg.samples:
         from .evaluate import sampled_accuracy
@@ -186,7 +194,12 @@ def build_parser(commands) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     commands = _commands()
-    args = build_parser(commands).parse_args(argv)
+    parser = build_parser(commands)
+    args, extra = parser.parse_known_args(argv)
+    # --key=value spellings of options (the options themselves are key=value, not argparse flags)
+    stray = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (options are key=value)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         build_parser(commands).print_help()
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     cls, handler, _ = commands[args.command]
     _quiet_transformers()
     try:
-        overrides = list(args.overrides)
+        overrides = list(args.overrides) + extra
         if getattr(args, "resume", False):
             overrides.append("resume=true")
         cfg = cls.load(args.config, overrides)
@@ -202,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tether {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, CheckpointError, TrainingDiverged) as e:
+    except (OSError, ValueError, CheckpointError, TrainingDiverged) as e:  # a missing file or weights, bad data…
+        if args.verbose:  # the traceback, for a report
+            raise
         print(f"tether {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -29,15 +29,21 @@ class Config(BaseModel):
 
     @classmethod
     def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> C:
-        """Build a config from an optional YAML file and ``key=value`` overrides (which win)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            values.update(_read_yaml(Path(path)))
-        if isinstance(overrides, dict):
-            values.update(overrides)
-        elif overrides:
-            values.update(parse_overrides(overrides))
-        return cls.from_dict(values, source=str(path) if path else "overrides")
+        """Build a config from an optional YAML file and ``key=value`` overrides (which win). A nested
+        option (``arith``) merges key by key, so ``arith.max_operand=30`` or ``arith='{ops: +}'``
+        changes one of its settings and keeps the file's others."""
+        values: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+        source = str(path) if path else "the command line"
+        unknown = [k for k in values if k not in cls.model_fields]
+        if unknown:
+            raise ConfigError(_unknown_key_message(cls, unknown[0], source))
+        given = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+        for key, value in given.items():
+            if key not in cls.model_fields:
+                raise ConfigError(_unknown_key_message(cls, key, "the command line"))
+            nested = isinstance(values.get(key), dict) and isinstance(value, dict) and _is_config(cls, key)
+            values[key] = {**values[key], **value} if nested else value
+        return cls.from_dict(values, source=f"{path} and the command line" if path and given else source)
 
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
@@ -71,7 +77,8 @@ class Config(BaseModel):
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "packing=true"]`` -> ``{"lr": 1e-4, "packing": True}`` (values parsed as YAML)."""
+    """``["lr=1e-4", "packing=true", "arith.ops=+"]`` -> ``{"lr": 1e-4, "packing": True, "arith":
+    {"ops": "+"}}`` (values parsed as YAML; a dotted key sets one setting of a nested option)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -79,10 +86,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"cannot parse override {item!r}: expected key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        head, dot, rest = key.partition(".")
+        if dot and rest:
+            inner = out.setdefault(head, {})
+            if not isinstance(inner, dict):
+                raise ConfigError(f"override {item!r}: {head} is set whole and by one of its keys")
+            inner[rest] = value
+        else:
+            out[key] = value
     return out
+
+
+def _is_config(cls: type[Config], key: str) -> bool:
+    """Whether option ``key`` is a nested config (merged key by key), not a plain value or dict."""
+    annotation = cls.model_fields[key].annotation
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -107,6 +128,8 @@ KNOWN_ALIASES = {
 
 def _unknown_key_message(cls: type[Config], key: str, source: str) -> str:
     valid = list(cls.model_fields)
+    if key == "config":
+        return f"config is not an option: the YAML file is given as --config FILE (tether COMMAND --config {source if source.endswith(('.yaml', '.yml')) else 'FILE.yaml'} key=value ...)"
     alias = KNOWN_ALIASES.get(key)
     close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

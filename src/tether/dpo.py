@@ -176,8 +176,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
     """Run DPO as configured (``rows`` replaces ``cfg.data`` when given)."""
     check_loss_types(cfg.loss_type, cfg.label_smoothing, cfg.f_divergence)
     runs.setup_torch(cfg)
-    run_dir = runs.prepare_run_dir(cfg)
-    ckpt, state = runs.resume_point(cfg, run_dir)
+    run_dir, ckpt, state = runs.open_run(cfg)
     start_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(ckpt or start_path, cfg.chat_template_kwargs)
     model = runs.load_trainable(cfg, ckpt, start_path)
@@ -283,7 +282,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
                       evaluate if (eval_pairs or eval_prompts) else None,
                       f"{stats.summary()}; reference {cfg.reference}; model {ckpt or start_path}",
                       extra_state=extra_state)
-    if cfg.report and not result.stopped_early:
+    if cfg.report and result.ended_here:
         from .report import write_report
 
         summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1),

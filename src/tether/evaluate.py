@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -28,6 +28,7 @@ class EvalConfig(Config):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of `samples`")
     seed: int = Field(0, description="sampling seed of `samples`")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="variables the tokenizer's chat template gets for chat prompts, e.g. {enable_thinking: false} for Qwen3 (as the trainers)")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="what the greedy completions are computed in: fp32 (as SFT and DPO evaluate), or bf16 with tether's rollout engine, as the online trainers evaluate under dtype=bf16 (greedy answers can differ between the two where two tokens are nearly tied)")
 
 
 def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None, tokenizer=None) -> list[dict[str, str]]:
@@ -44,6 +45,8 @@ def load_eval_rows(source: str, n: int, spec: ArithSpec | None = None, tokenizer
         if not isinstance(prompt, str) or "answer" not in r.data:
             raise DataError(f"{r.where}: evaluation rows need 'prompt' (text or chat messages) and 'answer'")
         rows.append({"prompt": prompt, "answer": str(r.data["answer"])})
+    if not rows:  # an accuracy of 0 / 0 would read as a score
+        raise DataError(f"{source}: no evaluation rows (eval_data=none turns evaluation off)")
     return rows
 
 

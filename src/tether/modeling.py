@@ -48,6 +48,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
+# what a saved transformers tokenizer leaves in its folder (one of them at least)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_tokenizer(path: str | Path, chat_template_kwargs: dict[str, Any] | None = None):
     """The tokenizer saved in ``path``; for a LoRA adapter folder without one, its base model's.
     ``chat_template_kwargs``: variables every rendering of its chat template gets (Qwen3's
@@ -58,6 +63,10 @@ def load_tokenizer(path: str | Path, chat_template_kwargs: dict[str, Any] | None
 
     if lora.is_adapter_folder(path) and not (Path(path) / "tokenizer_config.json").is_file():
         return load_tokenizer(lora.adapter_base(path), chat_template_kwargs)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would go on to blame a missing sentencepiece or tiktoken
+        raise FileNotFoundError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                                "tokenizer there with tokenizer.save_pretrained")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if chat_template_kwargs:  # an instance attribute: saving the tokenizer keeps the template as it was
         own = [n for n, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()

@@ -254,8 +254,7 @@ class Session:
     def __init__(self, cfg: OnlineConfig, name: str):
         runs.setup_torch(cfg)
         self.cfg, self.name = cfg, name
-        self.run_dir = runs.prepare_run_dir(cfg)
-        self.ckpt, self.state = runs.resume_point(cfg, self.run_dir)
+        self.run_dir, self.ckpt, self.state = runs.open_run(cfg)
         path = self.ckpt or resolve_model_path(cfg.model)
         self.base_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(path, cfg.chat_template_kwargs)
@@ -340,7 +339,13 @@ class Session:
         self.logger = RunLogger(self.run_dir, cfg.max_steps, self.start, self.name, cfg.progress, cfg.tensorboard)
         self.logger.message(f"{self.name}: {len(self.prompts)} prompts, {cfg.prompts_per_step}×{cfg.num_generations} "
                             f"completions per step; model {self.base_path}; run {self.run_dir}")
-        self.eval_before = self.evaluate(0) if self.eval_rows and self.start == 0 else None
+        self.finished = runs.already_finished(self.run_dir, cfg, self.start)
+        if self.finished:
+            self.logger.message(f"{self.name}: {self.run_dir} finished all {cfg.max_steps} steps already; its model is "
+                                f"in {self.run_dir / 'final'}")
+        self.eval_before = None
+        if self.eval_rows:  # a resumed run's start is the evaluation it logged then
+            self.eval_before = self.evaluate(0) if self.start == 0 else runs.logged_eval(self.run_dir, 0)
 
     def _load_prompts(self) -> tuple[list[str], list[dict[str, Any]]]:
         cfg = self.cfg
@@ -388,6 +393,8 @@ class Session:
                 return
 
     _stopped = False
+    finished = False  # resumed after its last step: nothing left to train, save or evaluate
+    _lr = 0.0
     step = 0
     updates_done = 0  # optimizer updates of the run (sync_ref_model counts them)
     _reward_context: RewardContext | None = None
@@ -560,6 +567,7 @@ class Session:
                 h, n = self._entropy_stats  # the update's mean entropy over the bonus's tokens
                 self.entropy.update(h / n if n else math.nan)
                 self._entropy_stats = [0.0, 0.0]
+        self._lr = self.scheduler.get_last_lr()[0]  # the rate this step's updates used, logged by end_step
         with warnings.catch_warnings():  # a step without an update (every group filtered) still counts
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             self.scheduler.step()  # the schedule counts rollout steps
@@ -678,7 +686,7 @@ class Session:
         dt = time.perf_counter() - self._t0
         record = {"reward": float(r.nanmean()), "reward_std": float(r[~torch.isnan(r)].std()) if (~torch.isnan(r)).sum() > 1 else 0.0,
                   "completion_length": float(lengths.mean()), "truncated": float(exp.rollout.truncated.float().mean()),
-                  "beta": self.kl.beta, "lr": self.scheduler.get_last_lr()[0], "step_time": dt,
+                  "beta": self.kl.beta, "lr": self._lr, "step_time": dt,
                   "tokens": float(exp.rollout.mask.sum() + sum(map(len, exp.rollout.prompt_ids))),
                   **metrics, **self.timings}
         record["tok_per_s"] = record["tokens"] / dt  # prompt + completion tokens, TRL's count
@@ -749,10 +757,12 @@ class Session:
     def finish(self) -> runs.FitResult:
         """Write the final model, evaluate it, close the log, write the report."""
         result = runs.FitResult(self.run_dir, self.run_dir / "final", self.start, 0.0, self.eval_before,
-                                stopped_early=self._stopped)
+                                stopped_early=self._stopped, finished_before=self.finished)
         last = read_metrics(self.run_dir / "metrics.jsonl")
         result.steps = max((m["step"] for m in last), default=0)
-        if not self._stopped:
+        if self.finished:
+            result.eval_after = runs.logged_eval(self.run_dir, self.cfg.max_steps) if self.eval_rows else None
+        elif not self._stopped:
             with self.ema.applied(self.policy) if self.ema is not None else contextlib.nullcontext():
                 runs.save_final(self.run_dir, self.policy, self.tokenizer)
             for k, m in self.modules.items():
@@ -761,10 +771,12 @@ class Session:
                 result.eval_after = self.evaluate(self.cfg.max_steps)
         self.logger.close()
         result.seconds = time.time() - self.t_start
-        if self.cfg.report and not self._stopped:
+        if self.cfg.report and result.ended_here:
             from .report import write_report
 
             summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1)}
+            if self.start:  # the wall time is this process's
+                summary["resumed after step"] = self.start
             if result.eval_after and result.eval_before:
                 summary["held-out accuracy"] = f"{result.eval_before['accuracy']:.1%} -> {result.eval_after['accuracy']:.1%}"
             samples = [r for r in read_metrics(self.run_dir / COMPLETIONS) if r["step"] == result.steps]

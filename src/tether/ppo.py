@@ -65,6 +65,12 @@ class PPOConfig(OnlineConfig):
         if self.critic_fit == "least_squares" and (self.critic != "head" or self.head_trains_backbone):
             raise ValueError("critic_fit=least_squares fits a detached value head: it needs critic=head and "
                              "head_trains_backbone=false")
+        if self.head_trains_backbone and self.critic == "separate":
+            raise ValueError("head_trains_backbone is about a value head on the policy (critic=head); a separate "
+                             "critic has a backbone of its own")
+        if self.critic_lr is not None and self.critic_fit == "least_squares":
+            raise ValueError("critic_lr is the step size of a critic trained by gradient; critic_fit=least_squares "
+                             "solves the head exactly and takes none")
         return self
 
 

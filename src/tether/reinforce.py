@@ -40,6 +40,9 @@ class ReinforceConfig(OnlineConfig):
     def _group(self):
         if self.baseline == "loo" and self.num_generations < 2:
             raise ValueError("baseline=loo needs num_generations >= 2 (the others' mean is the baseline)")
+        if self.baseline == "mean" and self.num_generations < 2:
+            raise ValueError("baseline=mean needs num_generations >= 2: a group of one is its own mean, so every "
+                             "advantage would be 0 (baseline=none trains on the raw rewards)")
         return self
 
 

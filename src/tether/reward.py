@@ -155,8 +155,7 @@ def pairwise_accuracy(model, pairs: list[PairExample], pad_id: int, shared_promp
 def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     """Train a Bradley-Terry reward model as configured (``rows`` replaces ``cfg.data``)."""
     runs.setup_torch(cfg)
-    run_dir = runs.prepare_run_dir(cfg)
-    ckpt, state = runs.resume_point(cfg, run_dir)
+    run_dir, ckpt, state = runs.open_run(cfg)
     path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path, cfg.chat_template_kwargs)
     # the head is initialised after setup_torch's seed: reproducible; with LoRA it trains whole
@@ -194,7 +193,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
 
     result = runs.fit(cfg, run_dir, model, tokenizer, len(pairs), state, "reward", step,
                       evaluate if eval_pairs else None, f"{stats.summary()}; model {path}")
-    if cfg.report and not result.stopped_early:
+    if cfg.report and result.ended_here:
         from .report import write_report
 
         summary: dict[str, Any] = {"steps": result.steps, "wall time (s)": round(result.seconds, 1),

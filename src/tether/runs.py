@@ -24,7 +24,7 @@ from . import lora
 from .data import EpochSampler
 from .modeling import (check_context, compile_blocks, default_dtype, disable_dropout, load_causal_lm,
                        same_attention_kernels)
-from .runlog import RunLogger, truncate_metrics
+from .runlog import RunLogger, read_metrics, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +170,30 @@ def _check_deletable(cfg: RunConfig, out: Path) -> None:
                                   "choose another output_dir (or resume=true to continue that run)")
 
 
+def open_run(cfg: RunConfig) -> tuple[Path, Path | None, dict[str, Any] | None]:
+    """The run folder, and the checkpoint and state to resume from (None, None: a fresh start).
+    ``config.yaml`` is written only once the resume is known to be allowed, so that a refused one
+    leaves the run's record as it was."""
+    run_dir = prepare_run_dir(cfg)
+    ckpt, state = resume_point(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir, ckpt, state
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder; refuse to mix a new run into an old one unless told how."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder: choose a folder for the run")
     if cfg.overwrite and out.exists() and any(out.iterdir()) and not cfg.resume:
         _check_deletable(cfg, out)
         shutil.rmtree(out)
     if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise ConfigError(f"output_dir {out} is not empty: pass resume=true to continue it or overwrite=true to start over")
+        hint = ("" if list_checkpoints(out) or (out / "final").exists() else
+                " (it holds no checkpoint: a run that stopped before its first one starts afresh with either)")
+        raise ConfigError(f"output_dir {out} is not empty: pass resume=true to continue it or overwrite=true to start "
+                          f"over{hint}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
     return out
 
 
@@ -299,8 +313,8 @@ def resume_point(cfg: RunConfig, run_dir: Path) -> tuple[Path | None, dict[str, 
         return None, None
     state = load_state(ckpt)
     _check_same_run(cfg, state, ckpt)
-    for log in ("metrics.jsonl", "completions.jsonl"):  # each step's lines once, after a crash too
-        truncate_metrics(run_dir / log, state["step"])
+    for name in ("metrics.jsonl", "completions.jsonl"):  # each step's lines once, after a crash too
+        truncate_metrics(run_dir / name, state["step"])
     return ckpt, state
 
 
@@ -316,9 +330,42 @@ def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     if now.get("schedule") == "constant" and then.get("schedule") == "constant":
         free.add("max_steps")
     changed = [k for k in now if k not in free and then.get(k) != now[k]]
+    if "model" in now and not _same_model(then.get("model"), now["model"]):
+        changed.append("model")
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(f"cannot resume from {ckpt}: settings changed since the run started ({diffs})")
+
+
+def _same_model(then: str | None, now: str) -> bool:
+    """Whether ``model=`` names the run's starting model: the same string, or paths to the same
+    folder. The policy resumes from the checkpoint, but the reference (KL, DPO) and a LoRA base are
+    loaded from ``model``, so another model would change the run. A folder that has moved (the old
+    path is gone) is taken on trust, with a warning."""
+    if then is None or then == now:
+        return True
+    if "embedded" in (then, now):
+        return False
+    old, new = Path(then).expanduser(), Path(now).expanduser()
+    if not old.exists():
+        log.warning("resume: the run's model %s is gone; taking %s as the same model, moved", then, now)
+        return True
+    return new.exists() and old.resolve() == new.resolve()
+
+
+def logged_eval(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The evaluation a run logged at ``step`` (its ``eval_*`` metrics, without the prefix), or None:
+    what a resumed run reports as its start, and a finished one as its end."""
+    for m in read_metrics(run_dir / "metrics.jsonl"):
+        if m.get("step") == step and any(k.startswith("eval_") for k in m):
+            return {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_")}
+    return None
+
+
+def already_finished(run_dir: Path, cfg: RunConfig, start: int) -> bool:
+    """A resumed run whose last checkpoint is its last step and whose final model was written:
+    nothing to train, evaluate or save again."""
+    return start >= cfg.max_steps and (run_dir / "final" / "config.json").is_file()
 
 
 def train_state(cfg: RunConfig, step: int, optimizer, scheduler, extra: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +412,12 @@ class FitResult:
     eval_before: dict[str, Any] | None = None
     eval_after: dict[str, Any] | None = None
     stopped_early: bool = False
+    finished_before: bool = False  # resumed after its last step: nothing was trained, saved or evaluated
+
+    @property
+    def ended_here(self) -> bool:
+        """This process trained the run to its end: what a report is written for."""
+        return not self.stopped_early and not self.finished_before
 
 
 StepFn = Callable[[list[int]], dict[str, float]]
@@ -405,14 +458,19 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
         logger.log(step, {f"eval_{k}": v for k, v in ev.items() if isinstance(v, (int, float))}, advance=False)
         return ev
 
-    if evaluate is not None and start == 0:
-        result.eval_before = run_eval(0)
+    if evaluate is not None:
+        result.eval_before = run_eval(0) if start == 0 else logged_eval(run_dir, 0)
+    finished = result.finished_before = already_finished(run_dir, cfg, start)
+    if finished:
+        logger.message(f"{name}: {run_dir} finished all {cfg.max_steps} steps already; its model is in {result.final_dir}")
+        result.eval_after = logged_eval(run_dir, cfg.max_steps)
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         metrics = step_fn(sampler.next(cfg.batch_size))
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update used (the scheduler then moves on)
         grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, cfg.max_grad_norm)
         dt = time.perf_counter() - t0
-        logger.log(step, {**metrics, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        logger.log(step, {**metrics, "lr": lr, "grad_norm": grad_norm,
                           "tok_per_s": metrics.get("tokens", 0) / dt, "step_time": dt,
                           "epoch": sampler.epoch + sampler.pos / sampler.n})
         result.steps = step
@@ -426,7 +484,7 @@ def fit(cfg: TrainConfig, run_dir: Path, model, tokenizer, n_items: int, state: 
             logger.message(f"{name}: stopped after step {step} (stop_at_step); continue with resume=true")
             result.stopped_early = True
             break
-    if not result.stopped_early:
+    if not result.stopped_early and not finished:
         save_final(run_dir, model, tokenizer)
         if evaluate is not None:
             result.eval_after = run_eval(cfg.max_steps)

@@ -76,8 +76,7 @@ def accumulate_gradients(model, micro: list[TokenBatch], dtype: str = "fp32") ->
 def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     """Run SFT as configured (``rows`` replaces ``cfg.data`` when given)."""
     runs.setup_torch(cfg)
-    run_dir = runs.prepare_run_dir(cfg)
-    ckpt, state = runs.resume_point(cfg, run_dir)
+    run_dir, ckpt, state = runs.open_run(cfg)
     model_path = ckpt or resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.chat_template_kwargs)
     model = runs.load_trainable(cfg, ckpt, resolve_model_path(cfg.model))
@@ -103,7 +102,7 @@ def train(cfg: SFTConfig, rows: list[dict] | None = None) -> SFTResult:
     fit = runs.fit(cfg, run_dir, model, tokenizer, len(items), state, "sft", step, evaluate if eval_rows else None,
                    f"{stats.summary()}; {len(items)} {kind}; model {model_path}")
     result = SFTResult(**vars(fit), data_stats=stats)
-    if cfg.report and not result.stopped_early:
+    if cfg.report and result.ended_here:
         from .report import write_report
 
         write_report(run_dir, "SFT", read_metrics(run_dir / "metrics.jsonl"), _summary(result))
