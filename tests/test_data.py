@@ -72,6 +72,30 @@ def test_sequences_start_with_the_tokenizers_default_bos_once(bos_tokenizer, tok
     assert engine.ids == [[bos] + plain] * 2
 
 
+def test_chat_rows_lead_with_the_default_bos_in_every_trainer(tiny_model, tmp_path):
+    """A tokenizer that adds a BOS by default and a chat template that does not render one (Zephyr's,
+    TinyLlama-chat's): an SFT chat row, a DPO chat prompt and an RL or evaluation chat prompt all start
+    with the same tokens, the BOS once, then the rendered prompt. SFT's chat rows lacked the BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    from tether.data import chat_prompt_text, prompt_ids, tokenize_pairs
+    from tether.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(tmp_path)
+    tok, user = load_tokenizer(tmp_path), [{"role": "user", "content": "What is 2 + 2?"}]
+    bos = tok.bos_token_id
+    (ex,), _ = tokenize_sft(rows_of({"messages": [*user, {"role": "assistant", "content": "4"}]}), tok, 128)
+    (pair,), _ = tokenize_pairs(rows_of({"prompt": user, "chosen": [{"role": "assistant", "content": "4"}],
+                                         "rejected": [{"role": "assistant", "content": "5"}]}), tok, 128)
+    rl = prompt_ids(tok, chat_prompt_text(tok, user, "row"))
+    assert ex.input_ids[0] == bos and ex.input_ids.count(bos) == 1 and ex.loss_mask[0] == 0
+    assert ex.input_ids[:len(rl)] == rl == pair.prompt
+    assert tok.decode(ex.input_ids[len(rl):]) == "4<|im_end|>\n"
+
+
 def test_chat_messages_train_on_assistant_turns_only(tokenizer):
     msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
             {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"}]
@@ -238,3 +262,55 @@ def test_text_pairs_without_a_prompt_split_off_their_common_beginning(tokenizer)
         tokenize_pairs(rows_of({"chosen": "yes", "rejected": "no"}), tokenizer, 128)
     with pytest.raises(DataError, match="starts the other"):
         tokenize_pairs(rows_of({"chosen": "It is 7", "rejected": "It is 7."}), tokenizer, 128)
+
+
+def test_table_files_with_rows_of_different_kinds_load_as_jsonl_does(tmp_path):
+    """A .json or .parquet table has every column in every row, missing ones as None: those are left
+    out, so rows of different kinds (with and without a prompt) load as they do from JSONL."""
+    import datasets
+
+    rows = [{"prompt": "Q: 1 + 1?", "chosen": " 2", "rejected": " 3"}, {"chosen": "1 + 1 = 2", "rejected": "1 + 1 = 3"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    want = [r.data for r in read_rows(tmp_path / "p.jsonl")]
+    for name in ("p.json", "p.parquet"):
+        got = read_rows(tmp_path / name)
+        assert [r.data for r in got] == want, name
+        assert got[0].where.endswith("row 1")  # rows counted from 1, as lines are
+
+
+def test_files_that_are_not_utf8_are_named_with_their_line(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
+        read_rows(tmp_path / "latin1.jsonl")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n')
+    assert read_rows(tmp_path / "bom.jsonl")[0].data == {"text": "ok"}  # a byte-order mark, as CSV accepts
+    (tmp_path / "broken.json").write_text('[{"text": "ok"},')
+    with pytest.raises(DataError, match=r"broken\.json: cannot be read as json"):
+        read_rows(tmp_path / "broken.json")
+
+
+def test_margins_travel_with_their_pairs(tokenizer):
+    """A reward model's 'margin' column: kept per pair through the drops, every row's or none."""
+    from tether.data import tokenize_pairs
+    from tether.reward import _margins
+
+    long = " 1" * 200
+    pairs, stats = tokenize_pairs(rows_of({"prompt": "Q:", "chosen": " 2", "rejected": " 3", "margin": 1.5},
+                                          {"prompt": "Q:", "chosen": long, "rejected": " 3", "margin": 9},
+                                          {"prompt": "Q:", "chosen": " 4", "rejected": " 5", "margin": "0.5"}), tokenizer, 64)
+    assert stats.dropped_too_long == 1 and _margins(pairs).tolist() == [1.5, 0.5]
+    pairs, _ = tokenize_pairs(rows_of({"prompt": "Q:", "chosen": " 2", "rejected": " 3"},
+                                      {"prompt": "Q:", "chosen": " 4", "rejected": " 5", "margin": 2}), tokenizer, 64)
+    with pytest.raises(DataError, match="1 of 2 preference rows have no 'margin'"):
+        _margins(pairs)
+    with pytest.raises(DataError, match="'margin' must be a number"):
+        tokenize_pairs(rows_of({"prompt": "Q:", "chosen": " 2", "rejected": " 3", "margin": "lots"}), tokenizer, 64)
+
+
+def test_a_tie_ranks_half_right():
+    from tether.preference import ranked_share
+
+    assert ranked_share(torch.zeros(8)) == 0.5  # DPO before its first step: policy and reference are one model
+    assert ranked_share(torch.tensor([1.0, -1.0, 0.0, 2.0])) == pytest.approx(0.625)

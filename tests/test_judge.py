@@ -20,14 +20,23 @@ def test_zero_shot_judge_scores_any_causal_lm(tiny_model):
     j = judge.Judge(tiny_model)
     s = j(["Question: What is 2 + 2?\nAnswer:"] * 2, [" 2 + 2 = 4", " 2 + 2 = 5"])
     assert s.shape == (2,) and torch.isfinite(s).all() and s[0] != s[1]
-    # the verdict's log-ratio, from a full forward of each judge prompt alone
+    # this tokenizer splits " yes" into [" ", "y", "es"]: the first tokens alone would compare a bare space
+    assert len(j.yes_ids) > 1 and not j.single
+    # the verdict's log-ratio, from a full forward of each judge prompt alone followed by each verdict word:
+    # log p(" yes") - log p(" no"), each summed over the word's tokens
     for prompt, completion, got in zip(["Question: What is 2 + 2?\nAnswer:"] * 2, [" 2 + 2 = 4", " 2 + 2 = 5"], s):
         ids = j.tokenizer(judge.judge_prompt(prompt, completion, j.instruction), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = torch.log_softmax(j.model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
-        assert got.item() == pytest.approx((logp[j.yes_id] - logp[j.no_id]).item(), abs=1e-4)
+        word = []
+        for verdict in (j.yes_ids, j.no_ids):
+            with torch.no_grad():
+                logp = torch.log_softmax(j.model(input_ids=torch.tensor([ids + verdict])).logits[0], -1)
+            word.append(sum(logp[len(ids) - 1 + k, t].item() for k, t in enumerate(verdict)))
+        assert got.item() == pytest.approx(word[0] - word[1], abs=1e-4)
     p = judge.Judge(tiny_model, mode="p_yes")(["Q:"], [" 1"])
+
     assert 0 < p.item() < 1
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        j(["Q:", "Q:"], [" 1"])
     with pytest.raises(ValueError, match="choose from"):
         judge.Judge(tiny_model, mode="yes")
 

@@ -144,3 +144,52 @@ def test_eval_in_bf16_reproduces_an_online_runs_evaluation(tiny_model, tmp_path,
     capsys.readouterr()
     assert main(["eval", f"model={r.final_dir}", "eval_samples=24", "max_new_tokens=6", "dtype=bf16"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == r.eval_after["accuracy"]
+
+
+def test_evaluation_only_settings_may_change_on_resume(tiny_model, tmp_path):
+    """SFT's max_new_tokens and eval_data, the reward model's eval_pairs, only evaluate: a resume may
+    change them. DPO's eval_pairs stay fixed (their reference scores are stored)."""
+    from tether import dpo, reward
+
+    out = tmp_path / "s"
+    sft.train(sft_cfg(tiny_model, out, stop_at_step=2))
+    assert sft.train(sft_cfg(tiny_model, out, resume=True, max_new_tokens=6, eval_data="none")).steps == 4
+    small = dict(model=str(tiny_model), max_steps=2, batch_size=2, micro_batch_size=2, arith_pairs=8, progress=False,
+                 report=False, dtype="fp32")
+    reward.train(reward.RewardConfig(**small, output_dir=str(tmp_path / "r"), eval_pairs=4, stop_at_step=1))
+    reward.train(reward.RewardConfig(**small, output_dir=str(tmp_path / "r"), eval_pairs=6, resume=True))
+    dpo.train(dpo.DPOConfig(**small, output_dir=str(tmp_path / "d"), eval_pairs=4, eval_samples=4, stop_at_step=1))
+    with pytest.raises(ConfigError, match="eval_pairs"):
+        dpo.train(dpo.DPOConfig(**small, output_dir=str(tmp_path / "d"), eval_pairs=6, eval_samples=4, resume=True))
+
+
+def test_evaluation_files_nothing_reads_are_refused():
+    from tether import attributes, reward
+
+    with pytest.raises(ValueError, match="not read"):
+        reward.RewardConfig(eval_data="pairs.jsonl")
+    with pytest.raises(ValueError, match="not read"):
+        attributes.AttributeConfig(eval_data="rated.jsonl")
+    with pytest.raises(ValueError, match="mode=regression"):
+        attributes.AttributeConfig(mode="generative", eval_data="arith")
+
+
+def test_attribute_rows_longer_than_max_length_are_dropped(tiny_model, tmp_path, caplog):
+    from tether import attributes
+
+    rows = [{"prompt": "Q: 1 + 1?", "completion": " 2", "ratings": {"helpfulness": 4, "correctness": 3}}] * 3
+    rows.append({"prompt": "Q:" + " 1" * 100, "completion": " 2", "ratings": {"helpfulness": 1, "correctness": 1}})
+    r = attributes.train(attributes.AttributeConfig(model=str(tiny_model), output_dir=str(tmp_path / "a"), max_steps=1,
+                                                    batch_size=2, micro_batch_size=2, max_length=32, progress=False,
+                                                    report=False, dtype="fp32", attributes=["helpfulness", "correctness"]),
+                         rows=rows)
+    assert r.steps == 1 and "1 of 4 rated rows are longer than max_length=32" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["reward", "attributes"])
+def test_a_stopped_run_says_so(tiny_model, tmp_path, capsys, command):
+    assert main([command, f"model={tiny_model}", f"output_dir={tmp_path / 'r'}", "max_steps=3", "stop_at_step=1",
+                 "batch_size=2", "micro_batch_size=2", "progress=false", "report=false", "dtype=fp32",
+                 "arith_pairs=8" if command == "reward" else "arith_rows=8"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped after step 1" in out and "final" not in out

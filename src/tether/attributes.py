@@ -11,12 +11,13 @@ Two forms, both giving a vector of scores and a configurable weighted scalar Σ_
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import runs
 from .arith import ATTRIBUTES, rating_rows
@@ -29,6 +30,8 @@ from .reward import last_token_scores, load_reward_model
 from .runlog import read_metrics
 
 RATING_TEMPLATE = "{prompt}{completion}\nRatings:"
+
+log = logging.getLogger(__name__)
 
 
 class AttributeConfig(runs.OfflineConfig, LoraFields):
@@ -48,6 +51,14 @@ class AttributeConfig(runs.OfflineConfig, LoraFields):
         if len(w) != len(self.attributes):
             raise ValueError(f"{len(w)} attribute_weights for {len(self.attributes)} attributes")
         return torch.tensor(w)
+
+    @model_validator(mode="after")
+    def _eval_source(self):
+        self.refuse_eval_files("the multi-attribute model")
+        if self.mode == "generative" and self.eval_data == "arith":  # auto stays quiet: it means "where there is one"
+            raise ValueError("mode=generative trains the LM to write ratings with tether sft and does not evaluate them; "
+                             "eval_data=arith applies to mode=regression")
+        return self
 
 
 def rating_prompt(prompt: str, completion: str) -> str:
@@ -168,6 +179,13 @@ def train(cfg: AttributeConfig, rows: list[dict] | None = None) -> runs.FitResul
     model.config.pad_token_id = padding_id(tokenizer)
     pad = padding_id(tokenizer)
     examples = [_example(tokenizer, r["prompt"], r["completion"]) for r in train_rows]
+    fits = [len(e.input_ids) <= cfg.max_length for e in examples]  # rows longer than max_length are dropped and counted
+    if not all(fits):
+        log.warning("data: %d of %d rated rows are longer than max_length=%d and were dropped",
+                    fits.count(False), len(fits), cfg.max_length)
+        examples, train_rows = [e for e, f in zip(examples, fits) if f], [r for r, f in zip(train_rows, fits) if f]
+    if not examples:
+        raise DataError(f"no rated row fits max_length={cfg.max_length}")
     targets = torch.tensor([[float(r["ratings"][a]) for a in cfg.attributes] for r in train_rows])
     held = load_rated_rows(cfg, split="held_out") if cfg.arith_eval(rows) else []
 

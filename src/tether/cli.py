@@ -33,13 +33,17 @@ def _quiet_transformers() -> None:
         pass
 
 
+def _stopped(r) -> int:
+    print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}; continue with resume=true")
+    return 0
+
+
 def _cmd_sft(cfg) -> int:
     from .sft import train
 
     r = train(cfg)
     if r.stopped_early:
-        print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}")
-        return 0
+        return _stopped(r)
     if r.eval_before is not None:
         print(f"held-out accuracy before: {r.eval_before['accuracy']:.1%}")
     if r.eval_after is not None:
@@ -55,8 +59,7 @@ def _cmd_dpo(cfg) -> int:
 
     r = train(cfg)
     if r.stopped_early:
-        print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}")
-        return 0
+        return _stopped(r)
     for name, ev in (("before", r.eval_before), ("after", r.eval_after)):
         if ev:
             shown = ", ".join(f"{k} {ev[k]:.1%}" for k in ("pref_accuracy", "accuracy") if k in ev)
@@ -69,6 +72,8 @@ def _cmd_reward(cfg) -> int:
     from .reward import train
 
     r = train(cfg)
+    if r.stopped_early:
+        return _stopped(r)
     if r.eval_before is not None and r.eval_after is not None:
         print(f"held-out pairwise accuracy: {r.eval_before['pairwise_accuracy']:.1%} -> "
               f"{r.eval_after['pairwise_accuracy']:.1%}")
@@ -80,6 +85,8 @@ def _cmd_attributes(cfg) -> int:
     from .attributes import train
 
     r = train(cfg)
+    if r.stopped_early:
+        return _stopped(r)
     if r.eval_before is not None and r.eval_after is not None and "rank_accuracy" in r.eval_after:
         print(f"held-out rank accuracy: {r.eval_before['rank_accuracy']:.1%} -> {r.eval_after['rank_accuracy']:.1%}")
     print(f"model: {r.final_dir}")
@@ -94,8 +101,7 @@ def _online(module: str) -> Callable[[Any], int]:
 
         r = importlib.import_module(f".{module}", __package__).train(cfg)
         if r.stopped_early:
-            print(f"stopped after step {r.steps}; checkpoint in {r.run_dir / 'checkpoints'}")
-            return 0
+            return _stopped(r)
         if r.eval_before is not None and r.eval_after is not None:
             print(f"held-out accuracy: {r.eval_before['accuracy']:.1%} -> {r.eval_after['accuracy']:.1%}")
         print(f"model:  {r.final_dir}")

@@ -101,18 +101,29 @@ def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = F
             kind = {".json": "json", ".parquet": "parquet"}.get(path.suffix)
             if kind is None:
                 raise DataError(f"{path}: unsupported data file (use .jsonl, .json, .parquet, .csv or a datasets folder)")
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        return [Row(f"{path} row {i}", dict(r)) for i, r in enumerate(ds)]
+            try:
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            except Exception as e:  # datasets' own errors (not UTF-8, not JSON…) carry the cause in a chain
+                cause = e.__cause__ or e
+                raise DataError(f"{path}: cannot be read as {kind}: {type(cause).__name__}: {cause}") from None
+        # a table has every column in every row: a key a row did not have reads None, and it is left out, so
+        # that rows of different kinds load as from JSONL
+        return [Row(f"{path} row {i + 1}", {k: v for k, v in dict(r).items() if v is not None}) for i, r in enumerate(ds)]
     return [Row(f"row {i}", dict(r)) for i, r in enumerate(source)]
 
 
 def _read_jsonl(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is allowed
+            except UnicodeDecodeError as e:
+                _bad(stats, skip_bad_rows, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
@@ -305,10 +316,14 @@ def _tokenize_chat(row: Row, tokenizer, msgs: list[dict], trainable: str) -> Exa
         raise DataError(f"{row.where}: no assistant/completion turn to train on")
     text = render_chat(tokenizer, clean, row.where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
     mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    bos = _default_bos(tokenizer)
+    if bos is not None and ids[0] != bos:  # led by the default BOS once, as prompt_ids leads every other sequence
+        ids, mask = [bos, *ids], [0, *mask]
     mask[0] = 0
     # No EOS is appended: the template's own end-of-turn token ends each trained turn.
-    return Example(list(enc["input_ids"]), mask)
+    return Example(ids, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +452,7 @@ class PairExample:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    margin: float | None = None  # the row's 'margin' (how much better chosen is; reward models), if it has one
 
     def rows(self) -> tuple[Example, Example]:
         p = [0] * len(self.prompt)
@@ -511,6 +527,12 @@ def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_row
                 raise DataError(f"{row.where}: empty {'chosen' if not c_text.strip() else 'rejected'} completion")
             if c_text == r_text:
                 raise DataError(f"{row.where}: chosen and rejected are identical")
+            margin = row.data.get("margin")
+            if margin is not None:
+                try:
+                    margin = float(margin)
+                except (TypeError, ValueError):
+                    raise DataError(f"{row.where}: 'margin' must be a number, got {margin!r}") from None
         except DataError as e:
             _bad(stats, skip_bad_rows, str(e))
             continue
@@ -524,7 +546,7 @@ def tokenize_pairs(rows: Iterable[Row], tokenizer, max_length: int, skip_bad_row
         if len(p) + max(len(cr[0]), len(cr[1])) > max_length:
             stats.dropped_too_long += 1
             continue
-        out.append(PairExample(p, cr[0], cr[1]))
+        out.append(PairExample(p, cr[0], cr[1], margin))
     stats.rows = len(out)
     if stats.dropped_too_long or stats.skipped_bad:
         log.warning("data: %s", stats.summary())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -23,7 +23,7 @@ from .losses.dpo import DPO_LOSSES, F_DIVERGENCES, check_loss_types, dpo_loss, s
 from .modeling import (autocast, custom_masks_exact, load_causal_lm, load_tokenizer, packed_pair_logps, padding_id,
                        resolve_model_path, token_logps)
 from .lora import LoraFields
-from .preference import PairsConfig, load_pairs
+from .preference import PairsConfig, load_pairs, ranked_share
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 class DPOConfig(PairsConfig, LoraFields, runs.RefSyncFields):
     """DPO from prompt/chosen/rejected pairs (plain text or chat messages)."""
+
+    resume_free: ClassVar[frozenset[str]] = frozenset({"max_new_tokens"})  # the evaluation's generation budget
 
     output_dir: str = Field("runs/dpo", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
     eval_samples: int = Field(200, ge=1, description="held-out prompts scored by greedy exact match")
@@ -266,7 +268,7 @@ def train(cfg: DPOConfig, rows: list[dict] | None = None) -> runs.FitResult:
                 ref = current_ref_eval[i:i + 64] if current_ref_eval is not None else torch.zeros(len(c), 2)
                 margins.append((c - ref[:, 0]) - (r - ref[:, 1]))
             model.train()
-            ev["pref_accuracy"] = float((torch.cat(margins) > 0).float().mean())
+            ev["pref_accuracy"] = ranked_share(torch.cat(margins))
         if eval_prompts:
             ev.update(accuracy(model, tokenizer, eval_prompts, cfg.max_new_tokens))
         return ev

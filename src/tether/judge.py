@@ -52,20 +52,26 @@ class Judge:
         self.model = load_causal_lm(path).eval()
         self.tokenizer = load_tokenizer(path)
         self.instruction, self.mode, self.batch_size = instruction, mode, batch_size
-        # The first token of each verdict word decides (exact when each is one token).
-        self.yes_id = self.tokenizer(YES, add_special_tokens=False)["input_ids"][0]
-        self.no_id = self.tokenizer(NO, add_special_tokens=False)["input_ids"][0]
-        if self.yes_id == self.no_id:
-            raise ValueError("the tokenizer gives ' yes' and ' no' the same first token")
+        self.yes_ids = self.tokenizer(YES, add_special_tokens=False)["input_ids"]
+        self.no_ids = self.tokenizer(NO, add_special_tokens=False)["input_ids"]
+        if self.yes_ids == self.no_ids:
+            raise ValueError("the tokenizer gives ' yes' and ' no' the same tokens")
+        # one token each (most tokenizers): the verdict position's distribution decides. Otherwise each
+        # word's whole log-probability: a first token such as a bare ' ' says nothing about the verdict
+        self.single = len(self.yes_ids) == 1 and len(self.no_ids) == 1
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        if len(prompts) != len(completions):  # zip would score the shorter list and drop the rest unsaid
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: give one prompt per completion")
         tok = self.tokenizer
         pad = padding_id(tok)
         rows = []
         for p, c in zip(prompts, completions):
             ids = prompt_ids(tok, judge_prompt(p, c, self.instruction))
             rows.append(Example(ids, [0] * len(ids)))
+        if not self.single:
+            return self._whole_words([r.input_ids for r in rows], pad)
         out = []
         for i in range(0, len(rows), self.batch_size):
             b = collate(rows[i:i + self.batch_size], pad)
@@ -74,6 +80,25 @@ class Judge:
                                attention_mask=b.attention_mask)  # the last layer only at that position
             logits = head_logits(self.model, hidden).float()
             logp = torch.log_softmax(logits, -1)
-            yes, no = logp[:, self.yes_id], logp[:, self.no_id]
+            yes, no = logp[:, self.yes_ids[0]], logp[:, self.no_ids[0]]
+            out.append(yes - no if self.mode == "logratio" else yes.exp())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _whole_words(self, prompts: list[list[int]], pad: int) -> torch.Tensor:
+        """The verdict scores from log p(" yes" | x, y, I) and log p(" no" | x, y, I), each the sum over
+        the word's tokens: both continuations of a prompt in one packed forward."""
+        from .online import completion_logps  # the online trainers' packed forward over completions
+
+        width = max(len(self.yes_ids), len(self.no_ids))
+        words = torch.full((2, width), pad, dtype=torch.long)
+        mask = torch.zeros(2, width, dtype=torch.long)
+        for j, ids in enumerate((self.yes_ids, self.no_ids)):
+            words[j, :len(ids)], mask[j, :len(ids)] = torch.tensor(ids), 1
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i:i + self.batch_size]
+            lp, _ = completion_logps(self.model, [p for p in chunk for _ in range(2)], words.repeat(len(chunk), 1),
+                                     mask.repeat(len(chunk), 1), pad=pad, with_entropy=False)
+            yes, no = lp.sum(-1).view(-1, 2).unbind(-1)
             out.append(yes - no if self.mode == "logratio" else yes.exp())
         return torch.cat(out) if out else torch.zeros(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from .arith import preference_rows
@@ -30,3 +31,13 @@ def load_pairs(cfg: PairsConfig, tokenizer, rows: list[dict] | None = None,
     else:
         raw = read_rows(cfg.data, cfg.skip_bad_rows, stats)
     return tokenize_pairs(raw, tokenizer, cfg.max_length, cfg.skip_bad_rows, stats)
+
+
+def ranked_share(margins: torch.Tensor) -> float:
+    """The share of held-out pairs ranked right by their margins (chosen's score minus rejected's),
+    a tie counting half: a scorer that cannot tell the two apart (DPO's implicit reward before its
+    first step, where policy and reference are one model) scores 50%, as a coin would. TRL's
+    ``rewards/accuracies`` counts a tie as wrong, so it starts DPO at 0."""
+    if not len(margins):
+        return 0.0
+    return float((margins > 0).float().mean() + 0.5 * (margins == 0).float().mean())

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import lora, runs
-from .data import IGNORE, Example, PairExample, collate, collate_pairs, longest_pair, prompt_ids
+from .data import IGNORE, DataError, Example, PairExample, collate, collate_pairs, longest_pair, prompt_ids
 from .lora import LoraFields
 from .losses.pairwise import bradley_terry_loss
 from .modeling import (autocast, custom_masks_exact, hidden_at, load_tokenizer, packed_pair_hidden,
                        packed_pair_last_hidden, packed_token_logps, padding_id, resolve_model_path)
-from .preference import PairsConfig, load_pairs
+from .preference import PairsConfig, load_pairs, ranked_share
 from .runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,19 @@ log = logging.getLogger(__name__)
 class RewardConfig(PairsConfig, LoraFields):
     """A Bradley-Terry reward model from prompt/chosen/rejected pairs (optional 'margin' column)."""
 
+    resume_free: ClassVar[frozenset[str]] = frozenset({"eval_pairs"})  # held-out pairs scored (no stored reference scores depend on them)
+
     output_dir: str = Field("runs/reward", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
     eval_pairs: int = Field(300, ge=1, description="held-out pairs scored for pairwise accuracy")
     center_coef: float = Field(0.0, ge=0, description="reward centering: + coef · E[(r_c + r_r)²]")
     lm_coef: float = Field(0.0, ge=0, description="+ coef · NLL of the chosen completions through the tied embeddings: keeps the backbone a language model (hidden-state regularisation, Yang et al. 2024)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
+
+    @model_validator(mode="after")
+    def _eval_source(self):
+        self.refuse_eval_files("the reward model")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +93,8 @@ class RewardScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        if len(prompts) != len(completions):  # zip would score the shorter list and drop the rest unsaid
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions: give one prompt per completion")
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
         pad = padding_id(tok)
         rows = []
@@ -144,12 +153,12 @@ def _tied_lm_head(model):
 def pairwise_accuracy(model, pairs: list[PairExample], pad_id: int, shared_prompt: bool = True) -> float:
     was = model.training
     model.eval()
-    hits = 0
+    margins = []
     for i in range(0, len(pairs), 64):
         rc, rr = pair_rewards(model, pairs[i:i + 64], pad_id, shared_prompt=shared_prompt)
-        hits += int((rc > rr).sum())
+        margins.append(rc - rr)
     model.train(was)
-    return hits / max(1, len(pairs))
+    return ranked_share(torch.cat(margins)) if margins else 0.0
 
 
 def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
@@ -166,9 +175,7 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
         raise ValueError("lm_coef needs a model whose LM head is tied to its input embeddings "
                          "(a sequence-classification checkpoint keeps no separate LM head)")
     pairs, stats = load_pairs(cfg, tokenizer, rows)
-    margins = _margins(cfg, rows)
-    if margins is not None and len(margins) != len(pairs):
-        raise ValueError(f"{len(margins)} margins for {len(pairs)} pairs: drop over-long rows from the file first")
+    margins = _margins(pairs)
     eval_pairs = load_pairs(cfg, tokenizer, split="held_out")[0] if cfg.arith_eval(rows) else []
 
     def step(idx: list[int]) -> dict[str, float]:
@@ -205,15 +212,12 @@ def train(cfg: RewardConfig, rows: list[dict] | None = None) -> runs.FitResult:
     return result
 
 
-def _margins(cfg: RewardConfig, rows: list[dict] | None) -> torch.Tensor | None:
-    """Per-pair margins from a 'margin' column of a data file, when it has one."""
-    if rows is None and cfg.data == "arith":
+def _margins(pairs: list[PairExample]) -> torch.Tensor | None:
+    """Per-pair margins from the rows' 'margin' column, when they have one (every row, or none)."""
+    given = [p.margin is not None for p in pairs]
+    if not any(given):
         return None
-    from .data import read_rows
-
-    raw = read_rows(rows if rows is not None else cfg.data, skip_bad_rows=True)
-    if not raw or "margin" not in raw[0].data:
-        return None
-    if cfg.skip_bad_rows:
-        raise ValueError("a 'margin' column cannot be combined with skip_bad_rows (rows would misalign)")
-    return torch.tensor([float(r.data["margin"]) for r in raw])
+    if not all(given):
+        raise DataError(f"{given.count(False)} of {len(pairs)} preference rows have no 'margin' while the others do: "
+                        "give every row one (0 for no margin), or none")
+    return torch.tensor([p.margin for p in pairs])

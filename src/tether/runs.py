@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 class RunConfig(Config):
     """Fields every trainer has. Algorithm configs add theirs; the result stays one flat mapping."""
+
+    # settings of this command that only its evaluation reads, free to change on resume
+    resume_free: ClassVar[frozenset[str]] = frozenset()
 
     model: str = Field("embedded", description="local transformers checkpoint folder, or 'embedded' (the built-in arithmetic model)")
     output_dir: str = Field("runs/run", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
@@ -108,6 +111,13 @@ class OfflineConfig(TrainConfig):
         if self.torch_compile and self.gradient_checkpointing:
             raise ValueError("torch_compile=true and gradient_checkpointing=true do not run together yet: choose one")
         return self
+
+    def refuse_eval_files(self, what: str) -> None:
+        """For trainers whose evaluation is the arithmetic world's held-out split alone: an eval_data
+        file would be read by nothing, so it is refused rather than ignored."""
+        if self.eval_data not in ("auto", "arith", "none"):
+            raise ValueError(f"eval_data={self.eval_data}: {what} evaluates on the arithmetic world's held-out split "
+                             "(eval_data=arith) or not at all (none); a file of its own is not read")
 
     def arith_eval(self, rows: Any = None) -> bool:
         """Whether to evaluate on the arithmetic world's held-out split."""
@@ -326,7 +336,7 @@ def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     # it draws no random numbers), and the step budget where the schedule does not depend on it
     free = {"resume", "overwrite", "progress", "stop_at_step", "save_every", "keep_checkpoints", "report",
             "tensorboard", "threads", "model", "log_completions", "output_dir", "eval_every", "eval_samples",
-            "max_invalid_steps"}
+            "eval_data", "max_invalid_steps", *cfg.resume_free}
     if now.get("schedule") == "constant" and then.get("schedule") == "constant":
         free.add("max_steps")
     changed = [k for k in now if k not in free and then.get(k) != now[k]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 class SFTConfig(runs.OfflineConfig, LoraFields):
     """Supervised fine-tuning. Data rows: prompt/completion, chat messages, or text (see tether.data)."""
+
+    resume_free: ClassVar[frozenset[str]] = frozenset({"max_new_tokens"})  # the evaluation's generation budget
 
     output_dir: str = Field("runs/sft", description="run folder: config, metrics.jsonl, checkpoints/, final/, report")
     arith_rows: int = Field(20000, ge=1, description="rows generated when data=arith")
