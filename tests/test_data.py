@@ -96,6 +96,14 @@ def test_chat_rows_lead_with_the_default_bos_in_every_trainer(tiny_model, tmp_pa
     assert tok.decode(ex.input_ids[len(rl):]) == "4<|im_end|>\n"
 
 
+def test_an_empty_turn_to_train_on_is_refused_as_an_empty_completion_is(tokenizer):
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": " "}]
+    with pytest.raises(DataError, match="empty assistant turn"):
+        tokenize_sft(rows_of({"messages": msgs}), tokenizer, 128)
+    with pytest.raises(DataError, match="empty completion"):
+        tokenize_sft(rows_of({"prompt": "What is 2 + 2?", "completion": " "}), tokenizer, 128)
+
+
 def test_chat_messages_train_on_assistant_turns_only(tokenizer):
     msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
             {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6"}]

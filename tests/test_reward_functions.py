@@ -242,6 +242,8 @@ def test_rm_accepts_what_tether_saves_reward_models_as(tiny_model, tmp_path):
     torch.testing.assert_close(r, RewardScorer(rm)(PROMPTS[:2], TEXTS[:2]))
     with pytest.raises(ValueError, match="2 prompts for 1 completions"):  # not one score, the rest dropped
         RewardScorer(rm)(PROMPTS[:2], TEXTS[:1])
+    with pytest.raises(ConfigError, match="causal language model"):  # its score head would load random
+        RewardScorer(tiny_model)
     with pytest.raises(ConfigError, match="sequence-classification model.*use rm:"):
         make_rewards(f"judge:{rm}")
     adapter = tmp_path / "adapter"

@@ -305,6 +305,8 @@ def _tokenize_chat(row: Row, tokenizer, msgs: list[dict], trainable: str) -> Exa
         train = m.get("_train", False) if trainable == "flagged" else m["role"] == "assistant"
         if not train:
             continue
+        if not m["content"].strip():  # as an empty text completion: nothing to learn but the end of the turn
+            raise DataError(f"{row.where}: empty {m['role']} turn to train on (message {i})")
         before = render_chat(tokenizer, clean[:i], row.where, add_generation_prompt=True) if i else ""
         upto = render_chat(tokenizer, clean[: i + 1], row.where)
         if not upto.startswith(before):

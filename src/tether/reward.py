@@ -87,6 +87,9 @@ class RewardScorer:
     """r(x, y) for batches of prompts and completions, from a trained reward-model folder."""
 
     def __init__(self, path: str | Path, batch_size: int = 64):
+        from .rewards import check_scorer_folder  # refuses a causal LM, whose score head would load random
+
+        check_scorer_folder("rm", str(path))
         self.model = load_reward_model(path).eval()
         self.tokenizer = load_tokenizer(path)
         self.batch_size = batch_size
