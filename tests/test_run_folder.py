@@ -36,6 +36,25 @@ def test_resume_without_a_checkpoint_starts_afresh(tiny_model, tmp_path, caplog)
     assert "max_steps: 4" in (out / "config.yaml").read_text()
 
 
+def test_a_run_that_failed_before_training_leaves_a_folder_the_fixed_command_can_use(tiny_model, tmp_path):
+    """A bad row stops the run after config.yaml is written: the corrected command runs in that folder
+    without overwrite or resume. A folder with anything else in it is still refused."""
+    bad, good, out = tmp_path / "bad.jsonl", tmp_path / "good.jsonl", tmp_path / "r"
+    bad.write_text('{"prompt": "Q:", "completion": " 1"}\n{"prompt": 3}\n')
+    good.write_text('{"prompt": "Q:", "completion": " 1"}\n' * 4)
+    with pytest.raises(DataError):
+        sft.train(sft_cfg(tiny_model, out, data=str(bad), eval_data="none"))
+    assert [f.name for f in out.iterdir()] == ["config.yaml"]
+    assert sft.train(sft_cfg(tiny_model, out, data=str(good), eval_data="none", max_steps=1)).steps == 1
+    with pytest.raises(ConfigError, match="not empty"):
+        sft.train(sft_cfg(tiny_model, out, data=str(good), eval_data="none", max_steps=1))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("lr: 0.001  # a file of the user's own\n")
+    with pytest.raises(ConfigError, match="not empty"):
+        sft.train(sft_cfg(tiny_model, mine, data=str(good), eval_data="none", max_steps=1))
+
+
 def test_a_refused_resume_leaves_the_runs_config(tiny_model, tmp_path):
     out = tmp_path / "r"
     sft.train(sft_cfg(tiny_model, out, stop_at_step=2, eval_data="none"))

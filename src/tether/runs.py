@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from .checkpoint import capture_rng, latest_checkpoint, list_checkpoints, load_state, restore_rng, save_checkpoint
@@ -190,15 +191,31 @@ def open_run(cfg: RunConfig) -> tuple[Path, Path | None, dict[str, Any] | None]:
     return run_dir, ckpt, state
 
 
+def _started(out: Path) -> bool:
+    """Whether ``out`` holds anything a run would mix into. A folder holding nothing but a config.yaml
+    that tether wrote (every option, ``output_dir`` among them) is a run that failed before training
+    (a bad data row, a model it could not load): the corrected command runs there as in an empty one."""
+    if not out.exists():
+        return False
+    entries = list(out.iterdir())
+    if [e.name for e in entries] != ["config.yaml"]:
+        return bool(entries)
+    try:
+        written = yaml.safe_load(entries[0].read_text())
+    except yaml.YAMLError:
+        return True
+    return not (isinstance(written, dict) and "output_dir" in written and "seed" in written)
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run folder; refuse to mix a new run into an old one unless told how."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a folder: choose a folder for the run")
-    if cfg.overwrite and out.exists() and any(out.iterdir()) and not cfg.resume:
+    if cfg.overwrite and _started(out) and not cfg.resume:
         _check_deletable(cfg, out)
         shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
+    if _started(out) and not cfg.resume:
         hint = ("" if list_checkpoints(out) or (out / "final").exists() else
                 " (it holds no checkpoint: a run that stopped before its first one starts afresh with either)")
         raise ConfigError(f"output_dir {out} is not empty: pass resume=true to continue it or overwrite=true to start "
