@@ -116,6 +116,25 @@ def test_grpo_survives_broken_rewards(tiny_model, tmp_path, monkeypatch, policy)
         assert recs[0]["reward/dropped"] == 6
 
 
+def test_invalid_steps_are_counted_per_reward_function():
+    """Two functions that fail on alternate steps never stop a run: each scores every other step. One
+    that never scores stops it, and a function that only returns None is not said to have raised."""
+    from types import SimpleNamespace
+
+    from tether.data import DataError
+    from tether.online import Session
+
+    s = SimpleNamespace(cfg=SimpleNamespace(max_invalid_steps=2), _invalid_steps={})
+    for step in range(6):
+        Session._check_rewards(s, {f"reward/{'a' if step % 2 else 'b'}/invalid": 4.0}, 4)
+    s._invalid_steps = {}
+    Session._check_rewards(s, {"reward/a/invalid": 4.0}, 4)
+    with pytest.raises(DataError, match="reward a scored none.*returned None"):
+        Session._check_rewards(s, {"reward/a/invalid": 4.0, "reward/b/invalid": 1.0}, 4)
+    with pytest.raises(ValueError, match="reward_fallback"):
+        grpo.GRPOConfig(reward_on_invalid="drop", reward_fallback=-1.0)
+
+
 def test_a_reward_that_never_scores_stops_the_run(tiny_model, tmp_path, monkeypatch):
     """A reward that scores none of a step's completions max_invalid_steps steps running stops the run
     with the reason (it raised; the rows lack its field), instead of training to the end on fallbacks."""

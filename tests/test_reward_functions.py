@@ -226,6 +226,20 @@ def test_rm_refuses_a_causal_lm_and_a_folder_without_config(tiny_model, tmp_path
     assert check_scorer_folder("rm", str(run / "final")) == run / "final"
 
 
+def test_rm_and_attributes_folders_are_not_mistaken_for_each_other(tiny_model, tmp_path):
+    """A multi-attribute model under rm: (or a reward model under attributes:) stopped in transformers'
+    head-shape error, with a traceback."""
+    from transformers import AutoModelForSequenceClassification
+
+    for heads in (1, 3):
+        AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=heads).save_pretrained(
+            tmp_path / f"h{heads}")
+    with pytest.raises(ConfigError, match="3 score heads.*attributes:"):
+        make_rewards(f"rm:{tmp_path / 'h3'}")
+    with pytest.raises(ConfigError, match="one score head.*rm:"):
+        make_rewards(f"attributes:{tmp_path / 'h1'}")
+
+
 def test_rm_accepts_what_tether_saves_reward_models_as(tiny_model, tmp_path):
     """A ``*ForSequenceClassification`` folder (``tether reward``'s final/) scores; a LoRA checkpoint
     is accepted when its adapter carries the trained head (modules_to_save), refused when it does not;

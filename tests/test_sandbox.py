@@ -172,6 +172,24 @@ def test_exit_before_the_tests_or_a_fake_pass_earns_nothing():
         assert r.status == "failed" and r.score == 0.0, (code, r)
 
 
+def test_a_forged_record_earns_at_most_the_tests_there_are():
+    """The solution runs in the harness's process. ``import __main__`` no longer reaches the result
+    channel, and a record forged through the interpreter's frames (which in-process code can always
+    walk) is capped at the number of tests: never a score above 1."""
+    tests = ["assert solve() == 42", "assert solve() == 43"]
+    r = run_code("import __main__\n__main__.report(status='passed', passed=100)\n", tests)
+    assert r.status == "failed" and r.score == 0.0, r
+    frames = ("import sys\nf = sys._getframe(1)\nwhile 'report' not in f.f_locals:\n    f = f.f_back\n"
+              "f.f_locals['report'](status='passed', passed=100)\n")
+    r = run_code(frames, tests)
+    assert r.passed <= 2 and r.score <= 1.0, r
+
+
+def test_what_the_code_prints_comes_back():
+    r = run_code("print('hello')\ndef solve():\n    return 42\n", ["assert solve() == 42"])
+    assert r.status == "passed" and r.stdout == "hello\n", r
+
+
 def test_output_is_capped():
     code = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\n"
     t0 = time.monotonic()
@@ -208,6 +226,12 @@ def test_code_reward_scores_fenced_solutions_and_counts_statuses():
                    "def sq(x):\n    while True: pass"]
     r, m = make_rewards("code")(["p"] * 3, completions, [{"tests": tests}] * 3)
     assert r.tolist() == [1.0, 0.5, 0.0]
+    # a prompt that opens the fence itself: the completion closes it (examples/grpo_code.yaml's prompts);
+    # language tags other than python / py
+    opened = ["def sq(x):\n    return x * x\n```\nDone.", "```python3\ndef sq(x):\n    return x * x\n```",
+              "```Python\ndef sq(x):\n    return x * x\n```"]
+    r, _ = make_rewards("code")(["```python\n"] * 3, opened, [{"tests": tests}] * 3)
+    assert r.tolist() == [1.0, 1.0, 1.0]
     assert m["reward/code/passed"] == 1 and m["reward/code/failed"] == 1 and m["reward/code/timeout"] == 1
 
 

@@ -32,6 +32,32 @@ def test_math_without_an_answer_says_so():
     assert math_equal("I do not know", "3").reason == "no_answer"
 
 
+@pytest.mark.parametrize("completion", [" 41 + 31 =", " 41 + 31 = ?", "I don't know. 41 + 31", "It is 2*36"])
+def test_math_does_not_evaluate_a_restated_question(completion):
+    """math-verify evaluates a plain-text sum into its value, so the question restated scored as its
+    answer; a plain-text sum or product is no answer (boxed or LaTeX maths is still evaluated, as TRL)."""
+    v = math_equal(completion, 72)
+    assert v.score == 0.0 and v.reason == "no_answer"
+    assert math_equal("\\boxed{41+31}", 72).score == 1.0
+    assert math_equal(" 5 - 10 = -5", -5).score == 1.0 and math_equal("the answer is 1/2", "0.5").score == 1.0
+
+
+def test_answer_in_numbers_takes_negative_and_float_answers():
+    from tether.rewards import answer_in_numbers
+
+    got = answer_in_numbers(["p"] * 5, ["5 - 10 = -5", "10 - 5", "it is 7", "72", "x"],
+                            [{"answer": -5}, {"answer": -5}, {"answer": 7.0}, {"answer": "72"}, {"answer": "3.5"}])
+    assert got[:4] == [1.0, 0.0, 1.0, 1.0]  # "10 - 5" holds 10 and 5: its minus is an operator
+    assert math.isnan(got[4].score) and got[4].reason == "unparsable_reference"  # never a silent "wrong"
+
+
+def test_a_rows_format_pattern_that_cannot_be_used_is_invalid_for_that_row_alone():
+    got = verifiers.format_reward(["p"] * 3, ["<answer>1</answer>"] * 3, [{}, {"format": None}, {"format": "("}])
+    assert got[0].score == 1.0 and got[1].score == 1.0  # None: the default tag
+    assert math.isnan(got[2].score) and got[2].reason == "bad_format"
+    assert verifiers.format_reward(["p"], ["x"], [{"format": 3}])[0].reason == "bad_format"
+
+
 def test_final_number():
     assert final_number_equal(" 3 + 4 = 7", 7).score == 1.0
     assert final_number_equal(" 3 + 4 = 8", 7).reason == "wrong"

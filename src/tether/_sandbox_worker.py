@@ -16,39 +16,52 @@ import time
 
 HARNESS = r'''
 import json, os, sys
-fd = int(sys.argv[1])
-with open("nonce") as f:
-    nonce = f.read()
-os.remove("nonce")
-with open("job.json") as f:
-    job = json.load(f)
-os.remove("job.json")
-out = os.fdopen(fd, "w")
 
 
-def report(**rec):
-    out.write(json.dumps({**rec, "nonce": nonce}) + "\n")
-    out.flush()
-    os._exit(0)
+def main():
+    # The result channel (pipe and nonce) lives in this function's locals only: no module attribute of
+    # __main__ leads to it, so `import __main__` in the solution finds nothing to forge a result with.
+    # Code that walks the interpreter's frames still can (tether.sandbox's threat model); the worker caps
+    # what any record claims at the number of tests.
+    with open("nonce") as f:
+        nonce = f.read()
+    os.remove("nonce")
+    with open("job.json") as f:
+        job = json.load(f)
+    os.remove("job.json")
+    out = os.fdopen(int(sys.argv[1]), "w")
+    del sys.argv[1:]
 
+    def report(**rec):
+        for stream in (sys.stdout, sys.stderr):  # what the code printed, before the hard exit
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        out.write(json.dumps({**rec, "nonce": nonce}) + "\n")
+        out.flush()
+        os._exit(0)
 
-env = {"__name__": "__main__", "__builtins__": __builtins__}
-try:
-    exec(compile(job["code"], "solution.py", "exec"), env)
-except MemoryError:
-    report(status="oom", detail="MemoryError while loading the solution")
-except BaseException as e:
-    report(status="failed", detail=f"{type(e).__name__} while loading the solution")
-passed = 0
-for i, test in enumerate(job["tests"]):
+    env = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
-        exec(compile(test, f"test_{i}", "exec"), env)
-        passed += 1
+        exec(compile(job["code"], "solution.py", "exec"), env)
     except MemoryError:
-        report(status="oom", passed=passed, detail=f"MemoryError in test {i}")
-    except BaseException:
-        pass
-report(status="passed" if passed == len(job["tests"]) else "failed", passed=passed)
+        report(status="oom", detail="MemoryError while loading the solution")
+    except BaseException as e:
+        report(status="failed", detail=f"{type(e).__name__} while loading the solution")
+    passed = 0
+    for i, test in enumerate(job["tests"]):
+        try:
+            exec(compile(test, f"test_{i}", "exec"), env)
+            passed += 1
+        except MemoryError:
+            report(status="oom", passed=passed, detail=f"MemoryError in test {i}")
+        except BaseException:
+            pass
+    report(status="passed" if passed == len(job["tests"]) else "failed", passed=passed)
+
+
+main()
 '''
 
 
@@ -147,7 +160,13 @@ def main() -> None:
         with open(f"{work}/{name}", "rb") as f:
             return f.read(cap).decode(errors="replace")
 
-    print(json.dumps({"status": status, "passed": int(rec.get("passed", 0)) if status != "timeout" else 0,
+    try:  # a record forged by the code could claim anything: never more tests than there are
+        passed = min(max(int(rec.get("passed", 0)), 0), len(job["tests"])) if status != "timeout" else 0
+    except (TypeError, ValueError):
+        passed = 0
+    if status == "passed" and passed < len(job["tests"]):
+        status = "failed"
+    print(json.dumps({"status": status, "passed": passed,
                       "detail": str(rec.get("detail", ""))[:500], "stdout": head("stdout"), "stderr": head("stderr")}))
 
 

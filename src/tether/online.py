@@ -101,6 +101,13 @@ class OnlineConfig(runs.RunConfig, LoraFields, runs.RefSyncFields):
         return self
 
     @model_validator(mode="after")
+    def _invalid_policy(self):
+        if self.reward_on_invalid == "drop" and self.reward_fallback != 0:
+            raise ValueError(f"reward_fallback={self.reward_fallback} is the score of an invalid sample under "
+                             "reward_on_invalid=fallback; with drop the sample has none")
+        return self
+
+    @model_validator(mode="after")
     def _sync_ref(self):
         if self.sync_ref_model and not self.beta > 0:
             raise ValueError("sync_ref_model=true needs a reference model: set beta > 0")
@@ -436,20 +443,22 @@ class Session:
         return rewards, metrics
 
     def _check_rewards(self, metrics: dict[str, float], n: int) -> None:
-        """Count the steps running in which some reward function scored nothing; past
+        """Count, for each reward function, the steps running in which it scored nothing; past
         ``max_invalid_steps`` stop with what it said, rather than train to the end on fallback values."""
         # reward/<name>/invalid, where a name may hold slashes itself (py:/path/to/file.py:fn)
-        broken = [k[len("reward/"):-len("/invalid")] for k, v in metrics.items()
-                  if k.startswith("reward/") and k.endswith("/invalid") and v == n]
-        self._invalid_steps = self._invalid_steps + 1 if broken else 0
-        if broken and self.cfg.max_invalid_steps and self._invalid_steps >= self.cfg.max_invalid_steps:
+        broken = {k[len("reward/"):-len("/invalid")] for k, v in metrics.items()
+                  if k.startswith("reward/") and k.endswith("/invalid") and v == n}
+        self._invalid_steps = {name: self._invalid_steps.get(name, 0) + 1 for name in broken}  # a scoring step resets
+        stuck = [name for name, steps in self._invalid_steps.items() if steps >= self.cfg.max_invalid_steps]
+        if stuck and self.cfg.max_invalid_steps:
             why = {k.split("/")[-1]: int(v) for k, v in metrics.items()
-                   if k.startswith(f"reward/{broken[0]}/") and not k.endswith(("/mean", "/std", "/invalid", "/invalid_frac"))}
-            raise DataError(f"reward {', '.join(broken)} scored none of the {n} completions of {self._invalid_steps} steps "
-                            f"running ({why or 'it raised: see the warnings above'}): check that the rows carry what it "
-                            "needs (answer, tests…) and that it runs; max_invalid_steps=0 trains on regardless")
+                   if k.startswith(f"reward/{stuck[0]}/") and not k.endswith(("/mean", "/std", "/invalid", "/invalid_frac"))}
+            raise DataError(f"reward {', '.join(stuck)} scored none of the {n} completions of {self.cfg.max_invalid_steps} "
+                            f"steps running ({why or 'it raised, or returned None, NaN or inf, for every completion'}): "
+                            "check that the rows carry what it needs (answer, tests…) and that it runs; "
+                            "max_invalid_steps=0 trains on regardless")
 
-    _invalid_steps = 0
+    _invalid_steps: dict[str, int] = {}  # per reward function: steps running it scored nothing (replaced, never mutated)
 
     def experience(self, roll: Rollout, rewards: torch.Tensor, keep: torch.Tensor | None = None,
                    states: bool = False) -> Experience:

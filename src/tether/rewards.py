@@ -90,22 +90,26 @@ def arith_exact_match(prompts: list[str], completions: list[str], metadata: list
 
 def answer_in_numbers(prompts: list[str], completions: list[str],
                       metadata: list[dict[str, Any]]) -> list[float | Verdict]:
-    """1.0 when ``metadata["answer"]`` is one of the completion's whole numbers (maximal digit runs)
-    anywhere, else 0.0: a lenient verifier (the peer benchmark's reward). A row without an answer is
-    invalid (NaN, reason ``no_reference``), as in the other verifiers: ``str(None)`` never matched, so
-    it scored a silent 0."""
+    """1.0 when ``metadata["answer"]`` is one of the completion's whole numbers (maximal digit runs, and
+    a run after a minus sign that starts a number: "= -5", not the operator of "10 - 5") anywhere, else
+    0.0: a lenient verifier (the peer benchmark's reward, which it equals on non-negative answers). A
+    row without an answer, or with one that is not a whole number ("3.5"; 7.0 is 7), is invalid (NaN,
+    reasons ``no_reference`` and ``unparsable_reference``), as in the other verifiers: such answers never
+    matched, so they scored a silent 0."""
     out: list[float | Verdict] = []
     for c, m in zip(completions, metadata):
         golds = verifiers.reference_answers(m, ("answer",))
-        if golds is None:
-            out.append(Verdict(math.nan, "no_reference"))
+        wholes = [w for w in map(verifiers.whole_number, golds or []) if w is not None]
+        if not wholes:
+            out.append(Verdict(math.nan, "no_reference" if golds is None else "unparsable_reference"))
         else:
-            found = _DIGITS.findall(c)
-            out.append(float(any(g.strip() in found for g in golds)))
+            found = {int(x) for x in _DIGITS.findall(c)} | {-int(x) for x in _NEGATIVE.findall(c)}
+            out.append(float(any(w in found for w in wholes)))
     return out
 
 
 _DIGITS = re.compile(r"\d+")
+_NEGATIVE = re.compile(r"(?:^|[\s=(:,])-(\d+)")  # a minus that starts a number, not one between operands
 
 REWARDS: dict[str, RewardFn] = {
     "exact_match": arith_exact_match, "answer_in_numbers": answer_in_numbers, "math": verifiers.math_reward,
@@ -300,6 +304,14 @@ def check_scorer_folder(kind: str, path: str) -> Path:
     if kind == "judge" and archs and scorer:
         raise ConfigError(f"{spec}: {folder} is a sequence-classification model ({', '.join(archs)}), not a causal LM "
                           f"that can judge; use rm:{path} for a Bradley-Terry reward model")
+    config = json.loads((folder / "config.json").read_text())
+    labels = config.get("id2label")
+    heads = len(labels) if isinstance(labels, dict) else config.get("num_labels")
+    if scorer and kind == "rm" and heads and heads != 1:  # transformers would stop on the head's shape
+        raise ConfigError(f"{spec}: {folder} has {heads} score heads, a multi-attribute model (tether attributes) or "
+                          f"a classifier; a Bradley-Terry reward model has one. Use attributes:{path} for the former")
+    if scorer and kind == "attributes" and heads == 1:
+        raise ConfigError(f"{spec}: {folder} has one score head, a Bradley-Terry reward model: use rm:{path}")
     return folder
 
 

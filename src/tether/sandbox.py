@@ -66,8 +66,8 @@ class SandboxResult:
 
     @property
     def score(self) -> float:
-        """The fraction of tests passed (0 unless the code ran to a result)."""
-        return self.passed / self.total if self.total else float(self.status == "passed")
+        """The fraction of tests passed (0 unless the code ran to a result), never above 1."""
+        return min(self.passed, self.total) / self.total if self.total else float(self.status == "passed")
 
 
 def available() -> str | None:

@@ -80,7 +80,7 @@ def reference_answers(meta: dict[str, Any], keys: Sequence[str] = ("answers", "a
 def math_equal(completion: str, answer: str | int | float | Sequence[str] | None) -> Verdict:
     """1.0 when the completion's final answer (``\\boxed{…}`` if present, else the last expression)
     equals ``answer`` mathematically: 1/2, 0.5 and \\frac{1}{2} are one value."""
-    from math_verify import parse, verify
+    from math_verify import LatexExtractionConfig, parse, verify
 
     golds = gold_answers(answer)
     if not golds:
@@ -93,7 +93,15 @@ def math_equal(completion: str, answer: str | int | float | Sequence[str] | None
     pred = parse(completion)
     if not pred:
         return Verdict(0.0, "no_answer")
+    if _UNEVALUATED.search(pred[1]) and not parse(completion, extraction_config=[LatexExtractionConfig()]):
+        # plain text whose last expression is a sum or product ("41 + 31 =", the question restated): an
+        # answer is a value, and math-verify would evaluate it into the right one
+        return Verdict(0.0, "no_answer")
     return Verdict(1.0, "correct") if verify(gold, pred) else Verdict(0.0, "wrong")
+
+
+# a binary +, -, * or × between two operands (a fraction a/b and a leading minus are values)
+_UNEVALUATED = re.compile(r"[\w.)]\s*[-+*×]\s*[\w.(]")
 
 
 def final_number_equal(completion: str, answer: str | int | float | None) -> Verdict:
@@ -102,7 +110,7 @@ def final_number_equal(completion: str, answer: str | int | float | None) -> Ver
     alone (``int(None)`` raised and invalidated the whole batch)."""
     from .arith import extract_answer
 
-    gold = _whole_number(answer)
+    gold = whole_number(answer)
     if gold is None:
         return _invalid("no_reference" if not gold_answers(answer) else "unparsable_reference")
     got = extract_answer(completion)
@@ -111,7 +119,7 @@ def final_number_equal(completion: str, answer: str | int | float | None) -> Ver
     return Verdict(1.0, "correct") if got == gold else Verdict(0.0, "wrong")
 
 
-def _whole_number(answer: Any) -> int | None:
+def whole_number(answer: Any) -> int | None:
     """``answer`` as an int when it is a whole number (7, 7.0, " 7", "7.0"), else None (7.5 is not 7)."""
     if isinstance(answer, bool):
         return None
@@ -210,20 +218,35 @@ def qa_f1_reward(prompts: list[str], completions: list[str], metadata: list[dict
 
 
 def format_reward(prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> list[Verdict]:
-    return [format_ok(c, m.get("format", ANSWER_TAG)) for c, m in zip(completions, metadata)]
+    """The row's own pattern (a ``format`` column: a regular expression) or :data:`ANSWER_TAG`; a row
+    whose pattern is not a string, or not a valid expression, is invalid on its own (``bad_format``)."""
+    out = []
+    for c, m in zip(completions, metadata):
+        pattern = m.get("format")
+        pattern = ANSWER_TAG if pattern is None else pattern
+        try:
+            out.append(format_ok(c, pattern) if isinstance(pattern, str) else _invalid("bad_format"))
+        except re.error:
+            out.append(_invalid("bad_format"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Code: run the completion against the row's tests in the sandbox (tether.sandbox)
 # ---------------------------------------------------------------------------------------------
-_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+_CODE_BLOCK = re.compile(r"```[\w+-]*[ \t]*\n(.*?)```", re.DOTALL)  # any language tag: python3, Python, py…
 _POOL = None
 
 
 def extract_code(completion: str) -> str:
-    """The last fenced code block of the completion, or the whole completion when there is none."""
+    """The last fenced code block of the completion; else, where the completion only closes a fence
+    (its prompt opened it, as ``examples/grpo_code.yaml``'s do), what comes before the closing fence;
+    else the whole completion."""
     blocks = _CODE_BLOCK.findall(completion)
-    return blocks[-1] if blocks else completion
+    if blocks:
+        return blocks[-1]
+    head, fence, _ = completion.partition("```")
+    return head if fence else completion
 
 
 def code_tests(meta: dict[str, Any]) -> list[str] | Verdict:
