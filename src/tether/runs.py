@@ -357,7 +357,7 @@ def _check_same_run(cfg: RunConfig, state: dict[str, Any], ckpt: Path) -> None:
     if now.get("schedule") == "constant" and then.get("schedule") == "constant":
         free.add("max_steps")
     changed = [k for k in now if k not in free and then.get(k) != now[k]]
-    if "model" in now and not _same_model(then.get("model"), now["model"]):
+    if "model" in now and not _same_model(then.get("model"), now["model"]):  # compared as a folder, not a string
         changed.append("model")
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
