@@ -128,8 +128,8 @@ KNOWN_ALIASES = {
 
 def _unknown_key_message(cls: type[Config], key: str, source: str) -> str:
     valid = list(cls.model_fields)
-    if key == "config":
-        return f"config is not an option: the YAML file is given as --config FILE (tether COMMAND --config {source if source.endswith(('.yaml', '.yml')) else 'FILE.yaml'} key=value ...)"
+    if key == "config":  # the file as an option, as some trainers' CLIs take it
+        return "config is not an option: the YAML file is given as --config FILE (tether COMMAND --config FILE key=value ...)"
     alias = KNOWN_ALIASES.get(key)
     close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
