@@ -134,12 +134,10 @@ def _cmd_eval(cfg) -> int:
     model, tokenizer = load_causal_lm(path), load_tokenizer(path, cfg.chat_template_kwargs)
     rows = load_eval_rows(cfg.eval_data, cfg.eval_samples, tokenizer=tokenizer)
     if cfg.dtype == "bf16":  # as the online trainers evaluate: the rollout engine, greedy, in bf16
-        from .evaluate import engine_texts, score_completions
-        from .rollout import SamplingParams, TorchEngine
+        from .evaluate import engine_accuracy
+        from .rollout import TorchEngine
 
-        greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0)
-        ev = score_completions(rows, engine_texts(TorchEngine(model, tokenizer, "bf16"), tokenizer,
-                                                  [r["prompt"] for r in rows], greedy))
+        ev = engine_accuracy(TorchEngine(model, tokenizer, "bf16"), tokenizer, rows, cfg.max_new_tokens)
     else:
         ev = accuracy(model, tokenizer, rows, cfg.max_new_tokens)
     out = {"model": str(path), "accuracy": ev["accuracy"], "n": ev["n"], "samples": ev["samples"][:3]}

@@ -146,6 +146,15 @@ def engine_texts(engine, tokenizer, prompts: list[str], params, batch_prompts: i
     return [t for i in range(0, len(ids), batch_prompts) for t in engine.generate(ids[i:i + batch_prompts], params).texts]
 
 
+def engine_accuracy(engine, tokenizer, rows: list[dict[str, str]], max_new_tokens: int = 16) -> dict[str, Any]:
+    """:func:`score_completions` of a rollout engine's greedy completions: how the online trainers
+    evaluate, in the engine's dtype (``tether eval dtype=bf16`` the same way)."""
+    from .rollout import SamplingParams
+
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    return score_completions(rows, engine_texts(engine, tokenizer, [r["prompt"] for r in rows], greedy))
+
+
 def sampled_accuracy(model, tokenizer, rows: list[dict[str, str]], samples: int, temperature: float = 1.0,
                      max_new_tokens: int = 16, seed: int = 0, batch_prompts: int = 64) -> dict[str, Any]:
     """:func:`score_samples` of ``samples`` completions per prompt drawn by the rollout engine."""

@@ -32,7 +32,7 @@ from . import lora, runs
 from .arith import ArithSpec, problem_space
 from .data import DataError, EpochSampler, chat_prompt_text, prompt_ids, read_rows
 from .decoding import tree_states
-from .evaluate import engine_texts, load_eval_rows, score_completions
+from .evaluate import engine_accuracy, load_eval_rows
 from .lora import LoraFields
 from .losses.policy import (SAMPLER_CORRECTIONS, EntropyTerms, PolicyLossConfig, high_entropy_mask, kl_estimate,
                             off_policy_mask, policy_loss, sampler_weights)
@@ -749,16 +749,13 @@ class Session:
         """Greedy exact-match accuracy on the held-out prompts (the engine at temperature 0) of the
         run's model: the weight average when ``ema_decay`` is on (``eval_accuracy``; the last iterate's
         is logged as ``eval_accuracy_policy``), else the policy."""
-        greedy = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=0)
-        prompts = [r["prompt"] for r in self.eval_rows]
-        ev = score_completions(self.eval_rows, engine_texts(self.engine, self.tokenizer, prompts, greedy))
+        ev = engine_accuracy(self.engine, self.tokenizer, self.eval_rows, self.cfg.max_new_tokens)
         record = {"eval_accuracy": ev["accuracy"]}
         if self.ema is not None:
             record["eval_accuracy_policy"] = ev["accuracy"]
             if step > 0:  # at step 0 the average is the policy
                 with self.ema.applied(self.policy):
-                    texts = engine_texts(self.ema_engine, self.tokenizer, prompts, greedy)
-                ev = score_completions(self.eval_rows, texts)
+                    ev = engine_accuracy(self.ema_engine, self.tokenizer, self.eval_rows, self.cfg.max_new_tokens)
                 record["eval_accuracy"] = ev["accuracy"]
         self.logger.log(step, record, advance=False)
         return ev
