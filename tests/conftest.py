@@ -78,5 +78,5 @@ def sft_model() -> Path:
     """Where alignment starts in the learning tests: a shipped model of the quickstart's SFT recipe
     (500 steps × 64 from the embedded model; ``assets/arith-sft/provenance.json``). The recipe stops
     mid-transition, so run here it would land anywhere in 30-49% by seed and CPU kernel, and every
-    learning test would measure where SFT stopped as much as its algorithm (README, Hosts)."""
+    learning test would measure where SFT stopped as much as its algorithm (docs/hosts.md)."""
     return SFT_START

@@ -215,7 +215,7 @@ def test_dpo_learns_arithmetic(sft_model, tmp_path):
     training. Measured on the AMD host from this start: 400 steps gain +6.7 / +5.0 (seeds 0 / 1; greedy
     accuracy first dips, 40.7% -> 37.3% at steps 100-200), 800 steps +12.0 / +10.0 / +15.0 (seeds 0-2;
     94.2-94.5% preference accuracy) in about 2 minutes; from the SFT models the recipe made on the Intel
-    host (seeds 0-3), 400 steps gained +14.4 / +12.4 / +9.6 / +0.7 (README). The test asserts +8 and 90%."""
+    host (seeds 0-3), 400 steps gained +14.4 / +12.4 / +9.6 / +0.7 (docs/results.md). The test asserts +8 and 90%."""
     from tether.modeling import cpu_description, default_dtype
     from tether.quickstart import QuickstartConfig
 

@@ -11,8 +11,8 @@ seeds 0-4: GRPO +12.3 / +11.7 / +11.3 / +10.0 / +14.0, PPO +12.7 / +13.7 / +10.0
 the model's own forward instead of tether's packed-tree one, the default until this version, seeds
 0-2: GRPO +11.3 / +10.7 / +13.0, PPO +12.7 / +10.3 / +10.7; the Intel host, from its own 39.3% SFT
 model: GRPO +16.6 / +17.6, PPO +17.3). The tests assert +8 (GRPO) and +7 (PPO) so that they fail on
-an algorithm that does not learn, not on a host that rounds bf16 differently; the README's Hosts
-section has every figure."""
+an algorithm that does not learn, not on a host that rounds bf16 differently; docs/hosts.md
+has every figure."""
 
 import statistics
 

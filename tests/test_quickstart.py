@@ -19,7 +19,7 @@ def test_quickstart_end_to_end(tmp_path, embedded_model):
     acc = summary["accuracy"]
     # accuracies are k / n: exact gains pass (1e-9 for the rounding)
     assert 0.20 <= acc["sft"] <= 0.60 and acc["sft"] - acc["pretrained"] >= 0.15 - 1e-9
-    # DPO's gain depends on where this host's SFT stopped (README, Hosts: +0.7 to +14.4 points over SFT
+    # DPO's gain depends on where this host's SFT stopped (docs/results.md: +0.7 to +14.4 points over SFT
     # seeds); that DPO learns is tested from a fixed start in test_dpo.py, here only that it does no harm
     assert acc["dpo"] >= acc["sft"] - 1e-9
     assert summary["dpo_preference_accuracy"] >= 0.80 and summary["reward_pairwise_accuracy"] >= 0.65

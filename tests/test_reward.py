@@ -65,7 +65,7 @@ def test_reward_model_learns_arithmetic_preferences(sft_model, tmp_path):
     """From the shipped SFT start, the Bradley-Terry model with the LM term (``lm_coef=1``) ranks
     1,000 held-out pairs (every held-out problem equally likely) at >= 90%. Measured on the AMD host:
     54.3% -> 94.9% in 1,800 steps (about 4 minutes); from SFT models the recipe made on other hosts and
-    seeds, 88.4% (a 30.3% start) to 94.0% (README, Hosts)."""
+    seeds, 88.4% (a 30.3% start) to 94.0% (docs/hosts.md, docs/results.md)."""
     from tether.modeling import default_dtype
 
     r = reward.train(reward.RewardConfig(model=str(sft_model), output_dir=str(tmp_path / "rm"), progress=False,
@@ -78,7 +78,7 @@ def test_reward_model_learns_arithmetic_preferences(sft_model, tmp_path):
 @pytest.mark.slow
 def test_attribute_heads_learn_arithmetic_ratings(sft_model, tmp_path):
     """Multi-attribute regression heads from the shipped SFT start: the weighted scalar ranks.
-    Measured on the Intel Xeon host (README, Hosts), from the shipped build's 300-step SFT model (20.3%):
+    Measured on the Intel Xeon host (docs/hosts.md), from the shipped build's 300-step SFT model (20.3%):
     MSE 13.6 -> 0.85, rank accuracy 52.0% -> 63.5%; the AMD host's 39.0% SFT model passed a 65% bound,
     and the 500-step SFT model of the shipped build passes."""
     from tether import attributes

@@ -74,7 +74,7 @@ def _packed(p: tuple[torch.Tensor, torch.Tensor | None], rows: int) -> tuple:
     inductor's CPU weight prepacking does), for the many small products of a generation's decode
     steps. On the AMD host a decode step's 17 products of 64 rows, timed alone, take 2.2× less time in
     fp32 (MKL's GEMM repacks its operands at every call) and 1.2× less in bf16; a whole rollout 1.19×
-    and 1.02-1.04× (README). bf16 results are bit-identical there, fp32 ones sum in another order
+    and 1.02-1.04× (docs/online-rl.md). bf16 results are bit-identical there, fp32 ones sum in another order
     (~5e-7 relative). Where oneDNN cannot pack (not a CPU tensor, no oneDNN build, no kernel for the
     dtype) the plain pair is returned. ``rows``: the expected batch."""
     w, b = p

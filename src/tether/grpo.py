@@ -43,7 +43,7 @@ class GRPOConfig(OnlineConfig):
     vespo_k_neg: float = Field(3.0, description="loss_type=vespo: k where A ≤ 0")
     vespo_lambda_neg: float = Field(2.0, description="loss_type=vespo: λ where A ≤ 0")
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="with several reward functions: normalise their weighted sum (GRPO), or normalise each function's scores within each group first, sum them with their weights, then normalise the sum over the batch (GDPO, Liu et al. 2026; TRL's option of the same name; scale_rewards then does not apply)")
-    mini_batches: int = Field(2, ge=1, description="optimizer updates per rollout batch (TRL's steps_per_generation); the second is importance-weighted and clipped. Two learn faster than one at the same compute on the arithmetic world (README)")
+    mini_batches: int = Field(2, ge=1, description="optimizer updates per rollout batch (TRL's steps_per_generation); the second is importance-weighted and clipped. Two learn faster than one at the same compute on the arithmetic world (docs/results.md)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step (large batches: the gradient of a binary reward is noisy)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); tuned for the embedded model: ~1e-6 suits billion-parameter models")
 

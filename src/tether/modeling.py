@@ -157,7 +157,7 @@ def _cpuinfo() -> str:
 
 def cpu_description() -> str:
     """The CPU's model name and its bf16 units, e.g. "AMD EPYC 9R14 (AVX512-BF16), 2 threads": bf16
-    kernels round differently on AMX and AVX512-BF16, so fixed-seed figures are per host (README, Hosts)."""
+    kernels round differently on AMX and AVX512-BF16, so fixed-seed figures are per host (docs/hosts.md)."""
     info = _cpuinfo()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     units = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in info]
@@ -184,7 +184,7 @@ def autocast(dtype: str, math_attention: bool = False):
     poor start for RL (on one host GRPO lost 3 points from it; on another PPO learned nothing from it
     in two minutes, with either critic). The learning tests now start from a shipped SFT model, so
     the kernel could switch; that waits for a version that re-measures the quickstart's figures
-    (README). With CUDA present the default kernel choice stands."""
+    (docs/benchmarks.md). With CUDA present the default kernel choice stands."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with contextlib.ExitStack() as stack:
@@ -237,7 +237,7 @@ def compile_blocks(model) -> None:
     thirds of a small model's step on CPU. The blocks share their code, so one block's graphs serve
     them all: on 2 cores the first step spends about 40 s compiling (7 s once inductor's on-disk
     cache has the kernels) against about 70 s for the whole backbone as one graph, and the steps
-    after it are faster too (README, Benchmarks). The parameters and the state dict are untouched:
+    after it are faster too (docs/benchmarks.md). The parameters and the state dict are untouched:
     only each block's ``forward`` is wrapped (:class:`_CompiledWhenTraining`)."""
     if not torch.cuda.is_available() and not has_cxx_compiler():
         raise ConfigError("torch_compile=true needs a C++ compiler (g++ or clang++): inductor builds its CPU kernels with it")

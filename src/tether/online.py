@@ -61,7 +61,7 @@ class OnlineConfig(runs.RunConfig, LoraFields, runs.RefSyncFields):
     epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO epochs, GRPO num_iterations)")
     mini_batches: int = Field(1, ge=1, description="optimizer updates per epoch; the rollout batch is shuffled and split")
     micro_batch_size: int = Field(512, ge=1, description="completions per forward/backward (gradient accumulation does not change the loss); 512 runs a quickstart-sized GRPO update 10-15% faster than 128 (fewer, larger products)")
-    lean_forward: bool = Field(True, description="run the update's and the reference's packed prefix-tree rows through tether's own forward (Llama, Mistral, Qwen2, Qwen3: projections and MLP on real tokens only, fused projections; other architectures use the model's forward): 10-17% less time for both in a quickstart-sized step, the same maths rounded differently; false runs the model's own forward (README)")
+    lean_forward: bool = Field(True, description="run the update's and the reference's packed prefix-tree rows through tether's own forward (Llama, Mistral, Qwen2, Qwen3: projections and MLP on real tokens only, fused projections; other architectures use the model's forward): 10-17% less time for both in a quickstart-sized step, the same maths rounded differently; false runs the model's own forward (docs/online-rl.md)")
     beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model is loaded)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token estimator of KL(π_θ||π_ref)")
     kl_penalty: Literal["loss", "reward"] = Field("loss", description="KL as a loss term, or subtracted from the reward per token")
@@ -133,7 +133,7 @@ class OnlineConfig(runs.RunConfig, LoraFields, runs.RefSyncFields):
         """``sampler_correction`` with ``auto`` resolved: token_truncate (truncated importance sampling,
         Yao et al. 2025) where the sampler is not the trainer's own forward in the trainer's dtype. TRL
         defaults to sequence_mask; from the shipped SFT model, fp32 training on bf16 samples, GRPO seeds
-        0-4 gained +11.9 points on average with token_truncate and +9.9 with sequence_mask (README)."""
+        0-4 gained +11.9 points on average with token_truncate and +9.9 with sequence_mask (docs/results.md)."""
         if self.sampler_correction != "auto":
             return self.sampler_correction
         return "token_truncate" if self.engine == "vllm" or self.sampling_dtype() != self.dtype else "none"
@@ -845,7 +845,7 @@ def completion_states(model, prompts: list[list[int]], completions: torch.Tensor
     (:func:`_trie_states`): each distinct prompt + completion prefix is computed once, with gradient,
     and a row's last token, which predicts nothing, never. A micro-batch pays for distinct tokens only:
     a GRPO step's forward shrinks from 1,024 rows of ~26 tokens to 128 packed rows of ~28 (padded to
-    the longest, ~36; README). Completions that share little are split over several packed rows
+    the longest, ~36; docs/online-rl.md). Completions that share little are split over several packed rows
     (:func:`_tree_rows`), where a wider row's dense attention would cost more than the tokens it saves.
     ``share_prompts=False`` runs one plain row per completion (the reference the tests compare with).
     ``lean`` runs the packed rows through :func:`tether.decoding.tree_states` where the architecture

@@ -37,9 +37,9 @@ class PPOConfig(OnlineConfig):
     prompts."""
 
     output_dir: str = Field("runs/ppo", description="run folder")
-    critic: Literal["separate", "head"] = Field("head", description="a value head on the policy, or a separate value model (a second backbone, with LoRA adapters under lora_rank: ~1.6x the step time; on the arithmetic world it learns less in the same wall time, README)")
+    critic: Literal["separate", "head"] = Field("head", description="a value head on the policy, or a separate value model (a second backbone, with LoRA adapters under lora_rank: ~1.6x the step time; on the arithmetic world it learns less in the same wall time, docs/results.md)")
     critic_model: str | None = Field(None, description="checkpoint the separate critic starts from (default: the policy's)")
-    head_trains_backbone: bool = Field(False, description="critic=head: let the value loss train the policy's backbone too (the shared value heads of early RLHF PPO); off, the head reads detached hidden states and the backbone learns from the policy loss alone (README)")
+    head_trains_backbone: bool = Field(False, description="critic=head: let the value loss train the policy's backbone too (the shared value heads of early RLHF PPO); off, the head reads detached hidden states and the backbone learns from the policy loss alone (docs/hosts.md)")
     gamma: float = Field(1.0, gt=0, le=1, description="discount of GAE")
     lam: float = Field(0.95, ge=0, le=1, description="λ of GAE")
     vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
@@ -49,12 +49,12 @@ class PPOConfig(OnlineConfig):
     beta: float = Field(0.05, ge=0, description="KL coefficient")
     kl_penalty: Literal["loss", "reward"] = Field("reward", description="KL as a per-token reward penalty (PPO's usual form) or a loss term")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator")
-    num_generations: int = Field(8, ge=1, description="completions per prompt: those of one prompt share their forwards' common prefixes, so 8 cost 1.3x what 4 do on the arithmetic world and learn faster per second (README)")
+    num_generations: int = Field(8, ge=1, description="completions per prompt: those of one prompt share their forwards' common prefixes, so 8 cost 1.3x what 4 do on the arithmetic world and learn faster per second (docs/results.md)")
     prompts_per_step: int = Field(128, ge=1, description="prompts sampled per step")
     epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch")
-    mini_batches: int = Field(2, ge=1, description="optimizer updates per epoch (two, as GRPO: more greedy accuracy per second on the arithmetic world, README)")
+    mini_batches: int = Field(2, ge=1, description="optimizer updates per epoch (two, as GRPO: more greedy accuracy per second on the arithmetic world, docs/results.md)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW) of the policy; tuned for the embedded model: ~1e-6 suits billion-parameter models")
-    critic_fit: Literal["gradient", "least_squares"] = Field("gradient", description="how a detached value head (critic=head) learns its squared error: AdamW steps (critic_lr), or solved exactly by least squares over the rollouts so far (older steps weighted critic_forget per step). A separate critic, or a head that trains the backbone, learns by gradient. On the arithmetic world the least-squares head explains more of the returns (explained variance ~0.1 against ~0.03) but the policy learned no faster in two paired runs (README)")
+    critic_fit: Literal["gradient", "least_squares"] = Field("gradient", description="how a detached value head (critic=head) learns its squared error: AdamW steps (critic_lr), or solved exactly by least squares over the rollouts so far (older steps weighted critic_forget per step). A separate critic, or a head that trains the backbone, learns by gradient. On the arithmetic world the least-squares head explains more of the returns (explained variance ~0.1 against ~0.03) but the policy learned no faster in two paired runs (docs/results.md)")
     critic_forget: float = Field(0.9, ge=0, le=1, description="critic_fit=least_squares: weight of each earlier step's rollouts, per step (0.9: about the last 10 steps; 1: all equally)")
     critic_lr: float | None = Field(None, gt=0, description="learning rate of a critic trained by gradient (default: 10 × lr; a critic must track the policy)")
 
@@ -154,7 +154,7 @@ def train(cfg: PPOConfig) -> runs.FitResult:
             return critic.head(s.hidden(critic.lm, roll, rows))
         # detached by default: the value loss would otherwise pull the shared backbone towards predicting
         # returns, against the policy gradient in the same weights (from two SFT starts, greedy +3.7 / +5.3
-        # points in 110 steps detached against +1.3 / +0.0 shared; README)
+        # points in 110 steps detached against +1.3 / +0.0 shared; docs/hosts.md)
         return critic(policy_hidden if cfg.head_trains_backbone else policy_hidden.detach())
 
     # the engine keeps the states it sampled from, the old values' input, where they fit in memory (a

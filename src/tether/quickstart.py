@@ -25,7 +25,7 @@ class QuickstartConfig(Config):
 
     output_dir: str = Field("runs/quickstart", description="run folder (replaced on each run)")
     seed: int = Field(0, description="seed of every stage")
-    sft_steps: int = Field(500, ge=1, description="SFT optimizer steps (about half-way through learning the arithmetic: README)")
+    sft_steps: int = Field(500, ge=1, description="SFT optimizer steps (about half-way through learning the arithmetic: docs/results.md)")
     sft_lr: float = Field(1e-3, gt=0, description="SFT peak learning rate")
     sft_batch_size: int = Field(64, ge=1, description="SFT examples per step")
     reward_steps: int = Field(300, ge=0, description="reward-model optimizer steps (0: skip the stage)")

@@ -167,7 +167,7 @@ class TorchEngine:
         # computed once for its n completions, and completions that sampled the same tokens so far share
         # one forward until they differ. In the arithmetic world a group's completions restate the same
         # equation and differ in the answer's digits, and only a sixth of the rows' decode steps are
-        # distinct (README). Each row still draws its own token from its node's distribution.
+        # distinct (docs/online-rl.md). Each row still draws its own token from its node's distribution.
         cache = _kv_cache(model, P + L)
         kv = with_cache(model, cache)
         with autocast(self.dtype):
