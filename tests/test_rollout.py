@@ -401,6 +401,28 @@ def test_lean_decode_in_bf16_stays_near_the_float32_forward(lm, etok):
         assert (r.logprobs[i, :k] - want).abs().max() < 0.1  # bf16 weights: ~3 significant digits
 
 
+def test_lean_decode_attends_in_float32_to_keys_rounded_as_the_trainers(lm, etok, monkeypatch):
+    """In bf16 the decode step's cache holds float32 keys and values rounded to bf16: the inputs the
+    trainer's attention computes with (SDPA's math kernel, ``decoding.tree_states``), so that scores,
+    softmax and the weighted sum run in float32 as there, not as bf16 products of the cache."""
+    from tether import decoding
+
+    seen = []
+    step = decoding.LeanDecoder.__call__
+
+    def spy(self, tok, pos, cache, key_mask):
+        out = step(self, tok, pos, cache, key_mask)
+        seen.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+        return out
+
+    monkeypatch.setattr(decoding.LeanDecoder, "__call__", spy)
+    TorchEngine(lm, etok, dtype="bf16", seed=0).generate(prompts(etok), SamplingParams(max_new_tokens=6, n=2))
+    assert seen
+    for k, v in seen[-1]:
+        assert k.dtype == v.dtype == torch.float32
+        assert torch.equal(k, k.to(torch.bfloat16).float()) and torch.equal(v, v.to(torch.bfloat16).float())
+
+
 def test_the_engine_samples_weights_updated_in_place_by_the_fused_optimizer(etok):
     """The lean step snapshots the weights at each generation: an in-place update that bumps no
     version counter (fused AdamW) must still reach the samples."""

@@ -9,7 +9,8 @@ does the same arithmetic with fewer, larger ops:
 - bf16 weights cast once, not at every step, when the engine samples in bf16;
 - each product's weight packed once per generation for oneDNN (:func:`_packed`), so the small
   products of a decode step do not repack it at every call;
-- keys and values written in place into the engine's preallocated cache, and grouped-query
+- keys and values written in place into the engine's preallocated cache (float32, holding values
+  rounded to the model's dtype, as the trainer's attention computes them), and grouped-query
   attention as two batched matmuls over the (kv head, query group) layout;
 - RMSNorm as one fused op; rotary tables from the model's own rotary module (so rope scaling types
   behave as in transformers).
@@ -164,15 +165,21 @@ class LeanDecoder:
         for w, cl in zip(self.layers, cache.layers):
             hd, nh, nkv = w["head_dim"], w["heads"], w["kv_heads"]
             q, k, v = _rotated_qkv(w, _rms(h, w["norm1"]).to(dt)[:, None], cos, sin)  # (B, 1, heads, hd)
+            if cl.vbuf.dtype != torch.float32:  # once per generation, after the model's own prefill under
+                # autocast left float32 keys (rotated in float32) and bf16 values in the cache
+                cl._set(cl.kbuf.to(dt).float(), cl.vbuf.float())
             t = cl.n
-            cl.kbuf[:, :, t] = k[:, 0]
+            # attention as the trainer computes it (SDPA's math kernel, _tree_layer): inputs rounded to
+            # the model's dtype, then products, softmax and the weighted sum in float32; a bf16 product of
+            # a sliced cache would also round the scores and run 1.3-2x slower on CPU
+            cl.kbuf[:, :, t] = k[:, 0].to(dt)
             cl.vbuf[:, :, t] = v[:, 0]
             cl.n = t + 1
             cl.keys, cl.values = cl.kbuf[:, :, :t + 1], cl.vbuf[:, :, :t + 1]
             # grouped-query attention: the query heads of one kv head attend together, (B, kv, group, n)
-            qg = q.reshape(B, nkv, nh // nkv, hd).to(cl.keys.dtype)
-            scores = torch.matmul(qg, cl.keys.transpose(-1, -2)).float() * w["scale"]
-            p = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(cl.values.dtype)
+            qg = q.reshape(B, nkv, nh // nkv, hd).to(dt).float() * w["scale"]
+            scores = torch.matmul(qg, cl.keys.transpose(-1, -2))
+            p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             h = _mlp_residual(w, h, torch.matmul(p, cl.values).reshape(B, nh * hd), dt)
         h = _rms(h, self.final_norm)  # float32, as the trainer's
         return _linear(h.to(dt), self.head).float(), h
