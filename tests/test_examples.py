@@ -1,7 +1,9 @@
 """Every example config loads into its command's config class, and every tether option the README's
-table of TRL names cites exists (so the examples and the docs cannot rot)."""
+table of TRL names cites exists, and every link between README.md and docs/ resolves (so the examples
+and the docs cannot rot)."""
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,32 @@ def test_the_readmes_trl_names_are_grpo_options():
                                                  "sequence_truncate", "sequence_mask", "constant", "cosine", "py"}
     fields = set(GRPOConfig.model_fields)
     assert len(names) > 40 and names <= fields, sorted(names - fields)
+
+
+def _anchors(markdown: str) -> Iterator[str]:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to hyphens, repeats numbered."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def test_the_docs_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists and, after '#', one of
+    its headings (the measurement record moved to docs/ and is cited from both sides)."""
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    assert len(pages) > 1
+    broken, checked = [], 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not dest.exists() or anchor and (dest.suffix != ".md" or anchor not in set(_anchors(dest.read_text()))):
+                broken.append(f"{page.name}: {target}")
+    assert checked > 50 and not broken, broken
