@@ -49,6 +49,19 @@ def test_a_nested_option_merges_key_by_key(tmp_path):
     assert GRPOConfig.load(overrides=["arith.ops=*"]).arith.ops == "*"
     with pytest.raises(ConfigError, match="nothing_like"):
         GRPOConfig.load(overrides=["arith.nothing_like=1"])
+    with pytest.raises(ConfigError, match=r"'max_operan'.*did you mean 'max_operand'.*valid keys: max_operand, "):
+        GRPOConfig.load(f, ["arith.max_operan=30"])
+
+
+def test_tensorboard_without_its_package_is_refused_with_the_config(tmp_path):
+    """Refused before a run folder exists: a folder left behind would refuse the corrected command."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ConfigError, match="tensorboard=True: needs the 'tensorboard' package"):
+        SFTConfig.load(overrides=["tensorboard=true", f"output_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unknown_key_is_traced_to_where_it_was_written(tmp_path):

@@ -141,8 +141,11 @@ def test_a_template_that_refuses_the_messages_names_the_row(tmp_path, tokenizer)
 def test_malformed_jsonl_row_names_file_and_line(tmp_path, tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"d\.jsonl:2"):
-        read_rows(f)
+    with pytest.raises(DataError, match=r"d\.jsonl:2") as e:
+        read_rows(f)  # as the online trainers and evaluation files read: no skip_bad_rows to suggest
+    assert "skip_bad_rows" not in str(e.value)
+    with pytest.raises(DataError, match=r"d\.jsonl:2.*set skip_bad_rows=true"):
+        read_rows(f, skip_bad_rows=False)  # as the offline trainers read their data
     g = tmp_path / "e.jsonl"
     g.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n\n" + json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(DataError, match=r"e\.jsonl:3.*keys \(prompt\)"):

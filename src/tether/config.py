@@ -55,9 +55,13 @@ class Config(BaseModel):
         except ValidationError as e:
             lines = []
             for err in e.errors():
-                msg = err["msg"].removeprefix("Value error, ")
-                if err["loc"]:
-                    lines.append(f"  {'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {msg}")
+                msg, loc = err["msg"].removeprefix("Value error, "), err["loc"]
+                if err["type"] == "extra_forbidden" and len(loc) == 2 and _is_config(cls, str(loc[0])):
+                    # a mistyped key of a nested option: named, with the nearest valid one and the list
+                    nested = cls.model_fields[str(loc[0])].annotation
+                    lines.append(f"  {loc[0]}: {_unknown_key_message(nested, str(loc[1]), source)}")
+                elif loc:
+                    lines.append(f"  {'.'.join(str(p) for p in loc)}={err.get('input')!r}: {msg}")
                 else:  # a check across fields: its message names them; the whole config would only bury it
                     lines.append(f"  {msg}")
             raise ConfigError(f"invalid {cls.__name__} in {source}:\n" + "\n".join(lines)) from None
@@ -126,7 +130,7 @@ KNOWN_ALIASES = {
 }
 
 
-def _unknown_key_message(cls: type[Config], key: str, source: str) -> str:
+def _unknown_key_message(cls: type[BaseModel], key: str, source: str) -> str:
     valid = list(cls.model_fields)
     if key == "config":  # the file as an option, as some trainers' CLIs take it
         return "config is not an option: the YAML file is given as --config FILE (tether COMMAND --config FILE key=value ...)"

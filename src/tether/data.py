@@ -73,13 +73,13 @@ class DataStats:
 # ---------------------------------------------------------------------------------------------
 # Reading rows
 # ---------------------------------------------------------------------------------------------
-def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = False,
+def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool | None = None,
               stats: DataStats | None = None) -> list[Row]:
     """Rows from a ``.jsonl`` file, a ``.csv`` file (every cell a string: :func:`_read_csv`), a folder
     written by ``datasets.save_to_disk``, any other file ``datasets.load_dataset`` reads (``.json``,
     ``.parquet``), a ``datasets.Dataset`` or a list of dicts. A row that is not a JSON object, or a
     CSV line with more cells than the header, is a :class:`DataError` naming file and line (or, with
-    ``skip_bad_rows``, counted in ``stats`` and skipped)."""
+    ``skip_bad_rows``, counted in ``stats`` and skipped; None where the caller has no such option)."""
     stats = stats if stats is not None else DataStats()
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -112,7 +112,7 @@ def read_rows(source: str | Path | Sequence[dict] | Any, skip_bad_rows: bool = F
     return [Row(f"row {i}", dict(r)) for i, r in enumerate(source)]
 
 
-def _read_jsonl(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
+def _read_jsonl(path: Path, skip_bad_rows: bool | None, stats: DataStats) -> list[Row]:
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -135,7 +135,7 @@ def _read_jsonl(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
     return rows
 
 
-def _read_csv(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
+def _read_csv(path: Path, skip_bad_rows: bool | None, stats: DataStats) -> list[Row]:
     """Rows of a CSV file with a header line, every cell a string (an empty cell is ""; a line with
     fewer cells than the header has ``None`` for the missing ones). CSV cells are text: through
     ``datasets`` (pandas) a completion " 23" became the int 23, which SFT then refused as "not a
@@ -176,9 +176,11 @@ def _read_csv(path: Path, skip_bad_rows: bool, stats: DataStats) -> list[Row]:
     return rows
 
 
-def _bad(stats: DataStats, skip: bool, message: str) -> None:
+def _bad(stats: DataStats, skip: bool | None, message: str) -> None:
+    """Count and skip a malformed row, or stop at it; ``skip`` None: the caller has no
+    ``skip_bad_rows`` option to suggest (evaluation files, the online trainers' prompts)."""
     if not skip:
-        raise DataError(message + " (set skip_bad_rows=true to skip and count such rows)")
+        raise DataError(message if skip is None else message + " (set skip_bad_rows=true to skip and count such rows)")
     stats.skipped_bad += 1
     if len(stats.bad_examples) < 5:
         stats.bad_examples.append(message)

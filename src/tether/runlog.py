@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-
 log = logging.getLogger(__name__)
 
 
@@ -55,11 +53,9 @@ class RunLogger:
                              file=sys.stderr, leave=True,
                              mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs, not animations
         self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:  # tensorboard is an optional extra
-                raise ConfigError("tensorboard=true needs the 'tensorboard' package: pip install 'tether[tensorboard]'") from e
+        if tensorboard:  # the config checked that the package is there (runs.RunConfig)
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:

@@ -3,6 +3,7 @@ folder, optimizer and learning-rate schedule, and checkpoint save / exact resume
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -61,6 +62,14 @@ class RunConfig(Config):
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs tether[tensorboard])")
     report: bool = Field(True, description="write report.md and report.png into output_dir at the end")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="variables the tokenizer's chat template gets wherever chat rows are rendered, e.g. {enable_thinking: false} for Qwen3 (TRL's chat_template_kwargs)")
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, on: bool) -> bool:
+        # refused with the config, before a run folder is written that would refuse the corrected command
+        if on and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("needs the 'tensorboard' package: pip install 'tether[tensorboard]'")
+        return on
 
     @field_validator("dtype")
     @classmethod
